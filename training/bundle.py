@@ -1,0 +1,120 @@
+"""The model bundle: the contract between `training` and `service`.
+
+``models/<name>/`` holds three files and nothing else is needed to serve or re-score it:
+
+- ``model.pt``: TorchScript; ``forward(ids int64 [batch, time], lengths int64 [batch])`` returns
+  the POSITIVE logit ``float32 [batch]``; id 0 is padding.
+- ``tokenizer.json``: the Hugging Face tokenizer, truncation to ``max_length`` included.
+- ``card.json``: what the model is, how it was made and how well it does; its
+  ``calibration.temperature`` divides the logit before the sigmoid.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from training.batches import pad_batch
+from training.errors import DataError, ExportError
+from training.model import SentimentRNN, count_parameters
+
+MODEL_FILE = "model.pt"
+TOKENIZER_FILE = "tokenizer.json"
+CARD_FILE = "card.json"
+FORMAT_VERSION = 1
+LABELS = ("NEGATIVE", "POSITIVE")
+TRUNCATION_RULE = "keep the first max_length tokens"
+EXPORT_TOLERANCE = 1e-5
+
+
+def export_bundle(
+    model: SentimentRNN,
+    tokenizer: Tokenizer,
+    max_len: int,
+    folder: Path,
+    check_batch: list[np.ndarray],
+    card: dict[str, Any],
+) -> Path:
+    """Script, save and verify the model; write tokenizer and card; move into ``folder``."""
+    model = model.cpu().eval()
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+    torch.jit.script(model).save(str(partial / MODEL_FILE))
+    max_diff = _verify_round_trip(model, partial / MODEL_FILE, check_batch, max_len)
+
+    served = Tokenizer.from_str(tokenizer.to_str())
+    served.enable_truncation(max_length=max_len)
+    served.save(str(partial / TOKENIZER_FILE))
+
+    card = {
+        "format_version": FORMAT_VERSION,
+        **card,
+        "labels": list(LABELS),
+        "max_length": max_len,
+        "truncation": TRUNCATION_RULE,
+        "parameters": count_parameters(model),
+        "files": {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE},
+        "export": {
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "torchscript_max_abs_diff": max_diff,
+        },
+    }
+    (partial / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
+def _verify_round_trip(
+    model: SentimentRNN, path: Path, seqs: list[np.ndarray], max_len: int
+) -> float:
+    """Reload the saved file and compare its logits with the eager model's on real reviews."""
+    ids, lengths = pad_batch(seqs, max_len)
+    with torch.no_grad():
+        eager = model(ids, lengths)
+        loaded = torch.jit.load(str(path), map_location="cpu")(ids, lengths)
+    max_diff = float((eager - loaded).abs().max())
+    if not max_diff <= EXPORT_TOLERANCE:  # also catches NaN
+        raise ExportError(
+            f"TorchScript export differs from the trained model by {max_diff:.3g} "
+            f"(tolerance {EXPORT_TOLERANCE}); {path} is not a faithful copy"
+        )
+    return max_diff
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    model: torch.jit.ScriptModule
+    tokenizer: Tokenizer
+    card: dict[str, Any]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.card.get("calibration", {}).get("temperature", 1.0))
+
+
+def load_bundle(folder: Path, device: torch.device) -> Bundle:
+    missing = [f for f in (MODEL_FILE, TOKENIZER_FILE, CARD_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"{folder} is not a model bundle (missing {', '.join(missing)})")
+    return Bundle(
+        folder=folder,
+        model=torch.jit.load(str(folder / MODEL_FILE), map_location=device).eval(),
+        tokenizer=Tokenizer.from_file(str(folder / TOKENIZER_FILE)),
+        card=json.loads((folder / CARD_FILE).read_text()),
+    )

