@@ -53,6 +53,12 @@ class PrepareConfig:
     vectors_dim: int | None = _opt(
         None, "expected vector dimension; a file of another dimension is refused"
     )
+    w2v_dim: int = _opt(
+        0,
+        "also train word2vec vectors of this size with gensim on the training reviews and "
+        "append them to the pretrained ones (0: pretrained vectors only)",
+    )
+    w2v_epochs: int = _opt(5, "word2vec training epochs")
     vocab_size: int = _opt(30_000, "vocabulary size including <pad> and <unk>")
     min_count: int = _opt(2, "a word needs this many occurrences in the training split")
     val_fraction: float = _opt(0.1, "share of the official train set held out for validation")
@@ -64,6 +70,8 @@ class PrepareConfig:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.vocab_size < 3:
             raise ConfigError(f"vocab_size must be at least 3, got {self.vocab_size}")
+        if self.w2v_dim < 0 or self.w2v_epochs < 1:
+            raise ConfigError("w2v_dim must be >= 0 and w2v_epochs >= 1")
         if self.min_count < 1:
             raise ConfigError(f"min_count must be at least 1, got {self.min_count}")
 

@@ -22,7 +22,7 @@ from training.config import PrepareConfig, to_jsonable
 from training.data import load_imdb, sha256_file, stratified_split
 from training.errors import DataError
 from training.tokenizer import encode, train_tokenizer, vocabulary
-from training.vectors import embedding_matrix, load_vectors
+from training.vectors import embedding_matrix, load_vectors, train_word2vec
 
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS_FILE = "splits.npz"
@@ -86,6 +86,20 @@ def prepare(cfg: PrepareConfig, log: Any = print) -> Path:
         f"{coverage['token_coverage']:.1%} of training tokens"
     )
 
+    vectors_meta: dict[str, Any] = {"source": cfg.vectors, "dim": kv.vector_size, **coverage}
+    if cfg.w2v_dim:
+        sentences = [[vocab[i] for i in ids] for ids in splits["train"].ids]
+        w2v = train_word2vec(sentences, cfg.w2v_dim, cfg.w2v_epochs, cfg.split_seed)
+        own, _ = embedding_matrix(vocab, w2v, cfg.split_seed)
+        embeddings = np.concatenate([embeddings, own], axis=1)
+        vectors_meta["word2vec"] = {
+            "dim": cfg.w2v_dim,
+            "epochs": cfg.w2v_epochs,
+            "trained_on": f"{len(sentences)} training reviews",
+        }
+        log(f"word2vec {cfg.w2v_dim}d trained on the training reviews; embeddings "
+            f"{embeddings.shape[1]}d")
+
     source = Path(cfg.data)
     meta = {
         "config": to_jsonable(cfg),
@@ -94,7 +108,7 @@ def prepare(cfg: PrepareConfig, log: Any = print) -> Path:
             "sha256": sha256_file(source) if source.is_file() else None,
             "reviews": {name: len(s) for name, s in splits.items()},
         },
-        "vectors": {"source": cfg.vectors, "dim": kv.vector_size, **coverage},
+        "vectors": vectors_meta,
         "vocab_size": len(vocab),
         "seconds": round(time.perf_counter() - started, 1),
     }
