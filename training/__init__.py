@@ -1,1 +1,1 @@
-"""Offline training: IMDb reviews -> GloVe-initialised RNN -> a self-describing bundle in models/."""
+"""Offline training: IMDb reviews -> GloVe-initialised RNN -> a bundle in models/<name>/."""

@@ -116,8 +116,8 @@ def _add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = kind
-        has_factory = f.default_factory is not dataclasses.MISSING
-        kwargs["default"] = f.default_factory() if has_factory else f.default
+        factory = f.default_factory
+        kwargs["default"] = f.default if factory is dataclasses.MISSING else factory()
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
@@ -134,13 +134,13 @@ def cmd_prepare(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     # Imported here so that `--help` and `prepare` do not pay for torch's import.
+    import torch
+
     from training.bundle import CARD_FILE, MODEL_FILE, export_bundle
     from training.config import to_jsonable
     from training.metrics import classification_metrics, fit_temperature, format_metrics
     from training.model import count_parameters
     from training.prepare import load_prepared, prepare, prepared_dir
-    import torch
-
     from training.train import EVAL_BATCH, predict_logits, train
 
     prepare_cfg: PrepareConfig = _config(PrepareConfig, args)
@@ -202,10 +202,14 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     size_mb = (bundle / MODEL_FILE).stat().st_size / 1e6
     log("")
     log(f"bundle     {bundle}/ ({MODEL_FILE} {size_mb:.1f} MB, {CARD_FILE})")
-    log(f"model      {count_parameters(model):,} parameters, best epoch {result.best_epoch}, "
-        f"{result.seconds:.0f} s on {result.device}")
-    log(f"calibrated temperature {temperature} (test ECE {raw_test['ece']:.4f} -> "
-        f"{metrics['test']['ece']:.4f})")
+    log(
+        f"model      {count_parameters(model):,} parameters, best epoch {result.best_epoch}, "
+        f"{result.seconds:.0f} s on {result.device}"
+    )
+    log(
+        f"calibrated temperature {temperature} (test ECE {raw_test['ece']:.4f} -> "
+        f"{metrics['test']['ece']:.4f})"
+    )
     log(format_metrics("validation", metrics["validation"]))
     log(format_metrics("test", metrics["test"]))
     return 0
@@ -217,8 +221,12 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     from training.train import resolve_device
 
     metrics, card = evaluate_bundle(
-        args.bundle, args.data, args.cache_dir, resolve_device(args.device),
-        args.data_sha256, args.batch_size,
+        args.bundle,
+        args.data,
+        args.cache_dir,
+        resolve_device(args.device),
+        args.data_sha256,
+        args.batch_size,
     )
     log(format_metrics("test", metrics))
     claimed = card.get("metrics", {}).get("test", {}).get("accuracy")
@@ -227,6 +235,8 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     diff = abs(metrics["accuracy"] - claimed)
     verdict = "reproduced" if diff <= args.tolerance else "NOT reproduced"
-    log(f"card test accuracy {claimed:.4f}, measured {metrics['accuracy']:.4f}: {verdict} "
-        f"(difference {diff:.4f}, tolerance {args.tolerance})")
+    log(
+        f"card test accuracy {claimed:.4f}, measured {metrics['accuracy']:.4f}: {verdict} "
+        f"(difference {diff:.4f}, tolerance {args.tolerance})"
+    )
     return 0 if diff <= args.tolerance else 1

@@ -23,7 +23,7 @@ def default_data_source() -> str:
     return str(DEFAULT_LOCAL_TARBALL) if DEFAULT_LOCAL_TARBALL.exists() else OFFICIAL_URL
 
 
-def _opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+def _opt(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -154,6 +154,4 @@ class TrainConfig:
 
 def to_jsonable(config: Any) -> dict[str, Any]:
     """A dataclass as plain JSON values (paths as strings)."""
-    return {
-        k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()
-    }
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()}

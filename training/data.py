@@ -91,7 +91,9 @@ def download(url: str, folder: Path, sha256: str | None) -> Path:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {target.name}") as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"download {target.name}"
+            ) as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     out.write(chunk)
                     bar.update(len(chunk))

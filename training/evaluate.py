@@ -22,8 +22,8 @@ def evaluate_bundle(
     data_sha256: str | None = None,
     batch_size: int = 256,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Test-set metrics of the bundle, and its card, computed through its own tokenizer and TorchScript file
-    (nothing from the training run or its cache is read)."""
+    """Test-set metrics of the bundle, and its card. Scores go through the bundle's own
+    tokenizer and TorchScript file; nothing from the training run or its cache is read."""
     bundle = load_bundle(folder, device)
     test = load_imdb(data, cache_dir, data_sha256)["test"]
     # The bundle's tokenizer already truncates to max_length, as it will in the service.

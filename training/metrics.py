@@ -28,7 +28,9 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
     return float(ece)
 
 
-def classification_metrics(labels: np.ndarray, logits: np.ndarray, temperature: float = 1.0) -> dict[str, Any]:
+def classification_metrics(
+    labels: np.ndarray, logits: np.ndarray, temperature: float = 1.0
+) -> dict[str, Any]:
     """Accuracy, precision, recall, F1, ROC-AUC, log-loss, ECE and the confusion matrix."""
     probs = sigmoid(logits / temperature)
     predicted = (probs >= 0.5).astype(np.int64)

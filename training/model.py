@@ -21,7 +21,7 @@ from torch import nn
 from training.config import ModelConfig
 from training.tokenizer import PAD_ID
 
-_CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+_CELLS: dict[str, type[nn.RNN | nn.LSTM | nn.GRU]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
 def reverse_within_lengths(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,9 @@ class RecurrentLayer(nn.Module):
                 out, _ = rnn(x)
             else:
                 out, _ = rnn(reverse_within_lengths(x, reverse_index))
-                out = reverse_within_lengths(out, reverse_index)  # the reordering is its own inverse
+                out = reverse_within_lengths(
+                    out, reverse_index
+                )  # the reordering is its own inverse
             outputs.append(out)
         return torch.cat(outputs, dim=2)
 

@@ -8,6 +8,7 @@ machine that has neither gensim nor the raw data (a GPU box) and trained from th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 import time
@@ -97,8 +98,10 @@ def prepare(cfg: PrepareConfig, log: Any = print) -> Path:
             "epochs": cfg.w2v_epochs,
             "trained_on": f"{len(sentences)} training reviews",
         }
-        log(f"word2vec {cfg.w2v_dim}d trained on the training reviews; embeddings "
-            f"{embeddings.shape[1]}d")
+        log(
+            f"word2vec {cfg.w2v_dim}d trained on the training reviews; embeddings "
+            f"{embeddings.shape[1]}d"
+        )
 
     source = Path(cfg.data)
     meta = {
@@ -137,7 +140,7 @@ def _write(
         arrays[f"{name}_ids"] = np.concatenate(split.ids) if split.ids else np.empty(0, np.int32)
         arrays[f"{name}_offsets"] = np.cumsum([0, *map(len, split.ids)], dtype=np.int64)
         arrays[f"{name}_labels"] = split.labels
-    np.savez_compressed(partial / SPLITS_FILE, **arrays)
+    np.savez_compressed(partial / SPLITS_FILE, **arrays)  # type: ignore[arg-type]
     (partial / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
@@ -145,7 +148,8 @@ def _write(
 
 def load_prepared(folder: Path) -> Prepared:
     missing = [
-        f for f in (TOKENIZER_FILE, SPLITS_FILE, EMBEDDINGS_FILE, META_FILE)
+        f
+        for f in (TOKENIZER_FILE, SPLITS_FILE, EMBEDDINGS_FILE, META_FILE)
         if not (folder / f).is_file()
     ]
     if missing:
@@ -155,7 +159,7 @@ def load_prepared(folder: Path) -> Prepared:
     for name in SPLIT_NAMES:
         ids, offsets = arrays[f"{name}_ids"], arrays[f"{name}_offsets"]
         splits[name] = TokenizedSplit(
-            [ids[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)],
+            [ids[a:b] for a, b in itertools.pairwise(offsets)],
             arrays[f"{name}_labels"],
         )
     return Prepared(

@@ -41,7 +41,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_count: int) -> To
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    assert tokenizer.token_to_id(PAD) == PAD_ID and tokenizer.token_to_id(UNK) == UNK_ID
+    assert tokenizer.token_to_id(PAD) == PAD_ID
+    assert tokenizer.token_to_id(UNK) == UNK_ID
     return tokenizer
 
 

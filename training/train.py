@@ -113,7 +113,9 @@ def train(
 
         model.eval()
         val_logits = predict_logits(model, val.ids, cfg.max_len, EVAL_BATCH, device, "validate")
-        val_loss = float(loss_fn(torch.from_numpy(val_logits), torch.from_numpy(val.labels).float()))
+        val_loss = float(
+            loss_fn(torch.from_numpy(val_logits), torch.from_numpy(val.labels).float())
+        )
         val_acc = float(((sigmoid(val_logits) >= 0.5) == val.labels).mean())
         row = {
             "epoch": epoch,

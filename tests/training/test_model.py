@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.batches import length_bucketed_batches, pad_batch
+from training.config import ModelConfig, TrainConfig
+from training.errors import ConfigError
+from training.model import SentimentRNN
+
+EMBEDDINGS = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+
+
+def _reviews() -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(2, 50, size=n).astype(np.int32) for n in (9, 4, 1, 0, 7)]
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("pooling", ["last", "concat"])
+def test_scripted_batched_and_single_answers_agree(
+    cell: str, bidirectional: bool, pooling: str, tmp_path: Path
+):
+    torch.manual_seed(0)
+    cfg = ModelConfig(cell=cell, layers=2, hidden=5, bidirectional=bidirectional, pooling=pooling)  # type: ignore[arg-type]
+    model = SentimentRNN(cfg, EMBEDDINGS).eval()
+    torch.jit.script(model).save(str(tmp_path / "model.pt"))
+    scripted = torch.jit.load(str(tmp_path / "model.pt"))
+    reviews = _reviews()
+    ids, lengths = pad_batch(reviews, max_len=8)
+    wider = torch.cat([ids, torch.zeros(len(reviews), 6, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        batched = model(ids, lengths)
+        one_by_one = torch.cat([model(*pad_batch([r], max_len=8)) for r in reviews])
+        torch.testing.assert_close(scripted(ids, lengths), batched, rtol=0, atol=0)
+        torch.testing.assert_close(one_by_one, batched, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(wider, lengths), batched, rtol=0, atol=1e-6)
+    assert torch.isfinite(batched).all()
+
+
+def test_embeddings_start_from_the_given_matrix():
+    model = SentimentRNN(ModelConfig(), EMBEDDINGS)
+    np.testing.assert_array_equal(model.embedding.weight.detach().numpy(), EMBEDDINGS)
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: ModelConfig(cell="transformer"), "unknown cell type 'transformer'"),  # type: ignore[arg-type]
+        (lambda: ModelConfig(dropout=1.5), "dropout must be in"),
+        (lambda: ModelConfig(layers=0), "must be positive"),
+        (lambda: TrainConfig(name="../escape"), "invalid bundle name"),
+        (lambda: TrainConfig(freeze_embeddings_epochs=-2), "-1 or more"),
+    ],
+)
+def test_bad_hyper_parameters_are_refused(factory, message: str):
+    with pytest.raises(ConfigError, match=message):
+        factory()
+
+
+def test_pad_batch_truncates_heads_and_pads_right():
+    ids, lengths = pad_batch([np.array([5, 6, 7, 8]), np.array([9]), np.array([], np.int32)], 3)
+    assert ids.tolist() == [[5, 6, 7], [9, 0, 0], [0, 0, 0]]
+    assert lengths.tolist() == [3, 1, 0]
+
+
+def test_length_bucketed_batches_cover_everything_once_and_group_lengths():
+    lengths = np.random.default_rng(0).integers(1, 500, size=1000)
+    batches = length_bucketed_batches(lengths, 10, np.random.default_rng(1), bucket_batches=100)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1000))
+    spread = np.mean([lengths[b].max() - lengths[b].min() for b in batches])
+    assert spread < 20  # random batches of 10 would spread over ~400
+    again = length_bucketed_batches(lengths, 10, np.random.default_rng(1), bucket_batches=100)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
