@@ -30,6 +30,9 @@ SPLITS_FILE = "splits.npz"
 EMBEDDINGS_FILE = "embeddings.npy"
 META_FILE = "prepare.json"
 SPLIT_NAMES = ("train", "val", "test")
+# Part of the cache key: bump it whenever prepare's output changes for the same options, so that
+# no stale folder is reused.
+PREPARE_VERSION = 2
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Prepared:
 def prepared_dir(cfg: PrepareConfig) -> Path:
     """Cache folder for this configuration: a change of any option gets a folder of its own."""
     options = {k: v for k, v in to_jsonable(cfg).items() if k != "cache_dir"}
+    options["prepare_version"] = PREPARE_VERSION
     key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
     return cfg.cache_dir / f"prepared-{key}"
 
