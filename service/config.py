@@ -1,0 +1,48 @@
+"""All service configuration, read from SENTIMENT_* environment variables and validated at
+start: a bad value stops the service with a message naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SENTIMENT_", extra="forbid", protected_namespaces=()
+    )
+
+    model_dir: Path = Field(Path("models"), description="model repository folder")
+    model_name: str = Field("imdb-bigru", description="bundle to serve: <model_dir>/<model_name>/")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    max_batch_size: int = Field(64, ge=1, le=4096, description="texts per model call")
+    max_batch_tokens: int = Field(
+        32_768, ge=1, description="padded tokens per model call (texts x longest text)"
+    )
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="how long the first text of a batch waits for company"
+    )
+    max_queue_texts: int = Field(
+        2048, ge=1, description="texts waiting at most; beyond it requests get 429"
+    )
+    max_inputs_per_request: int = Field(256, ge=1, description="texts in one request at most")
+    max_body_bytes: int = Field(2_000_000, ge=1024, description="request body size limit")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="deadline per request, queue time included (504 past it)"
+    )
+    auto_truncate: bool = Field(
+        False, description="truncate over-long inputs when a request does not say 'truncate'"
+    )
+    torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
+    warmup: bool = Field(True, description="run the model once per batch shape before serving")
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.model_dir / self.model_name

@@ -1,0 +1,92 @@
+"""Prometheus metrics, all named ``sentiment_*``, in a registry per app (so several apps, e.g.
+in tests, never share counters).
+
+One worker process per container: the dynamic batcher gathers concurrent requests inside one
+process, so several uvicorn workers would each hold a model and split the traffic they could
+batch together. Scale out with containers; each is scraped on its own.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "sentiment"
+_POWERS_OF_TWO = tuple(float(2**i) for i in range(13))  # 1 .. 4096
+_TOKEN_BUCKETS = tuple(float(2**i) for i in range(4, 21))  # 16 .. 1M
+_SECONDS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "HTTP requests answered", ["route", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "HTTP request duration",
+            ["route"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.tokenization_duration = Histogram(
+            f"{PREFIX}_tokenization_duration_seconds",
+            "Tokenisation time per request",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            f"{PREFIX}_queue_duration_seconds",
+            "Time a text waits before its batch runs",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            f"{PREFIX}_inference_duration_seconds",
+            "Model time per batch",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size", "Texts per model batch", buckets=_POWERS_OF_TWO, registry=r
+        )
+        self.batch_tokens = Histogram(
+            f"{PREFIX}_batch_tokens",
+            "Padded tokens per model batch (texts x longest)",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Texts waiting for a batch", registry=r)
+        self.inputs = Counter(f"{PREFIX}_inputs", "Texts accepted for inference", registry=r)
+        self.inputs_truncated = Counter(
+            f"{PREFIX}_inputs_truncated", "Texts cut to the model's max_length", registry=r
+        )
+        self.failures = Counter(
+            f"{PREFIX}_failures",
+            "Requests or texts not answered with scores",
+            ["reason"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info",
+            "The served model (value is always 1)",
+            ["name", "version", "device"],
+            registry=r,
+        )

@@ -1,0 +1,137 @@
+"""Pure ASGI middleware: request metrics, and the checks a body must pass before FastAPI parses
+it (size, content type, UTF-8), each answered with the service's JSON error."""
+
+from __future__ import annotations
+
+import time
+from email.message import Message as MimeHeader
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ErrorType, ServiceError
+from service.metrics import Metrics
+
+# curl -d sends form-urlencoded by default; its body is still the JSON the user typed.
+_ACCEPTED_TYPES = {"application/json", "application/x-www-form-urlencoded"}
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return JSONResponse(
+        {"error": error.message, "error_type": error.error_type.value},
+        status_code=error.status,
+        headers=headers,
+    )
+
+
+class BodyGuard:
+    """Reads a request body once, bounded by ``max_bytes``, checks it and hands it on."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            self._check_content_type(headers.get("content-type"))
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+                raise self._too_large()
+            body = await self._read(receive)
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ServiceError(
+                    ErrorType.INVALID_ENCODING,
+                    f"request body is not valid UTF-8 (byte {body[exc.start]:#04x} at offset "
+                    f"{exc.start})",
+                ) from None
+        except ServiceError as error:
+            await error_response(error)(scope, receive, send)
+            return
+
+        # FastAPI parses JSON only under a JSON content type; the body was checked above.
+        scope = dict(scope)
+        scope["headers"] = [
+            (k, v) for k, v in scope["headers"] if k.lower() != b"content-type"
+        ] + [(b"content-type", b"application/json")]
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notices
+
+        await self.app(scope, replay, send)
+
+    def _check_content_type(self, value: str | None) -> None:
+        if value is None:
+            return
+        header = MimeHeader()
+        header["content-type"] = value
+        kind = header.get_content_type()
+        if kind in _ACCEPTED_TYPES or kind.endswith("+json"):
+            return
+        raise ServiceError(
+            ErrorType.UNSUPPORTED_MEDIA_TYPE,
+            f"content type {kind} is not accepted; send JSON (application/json)",
+        )
+
+    async def _read(self, receive: Receive) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    def _too_large(self) -> ServiceError:
+        return ServiceError(
+            ErrorType.PAYLOAD_TOO_LARGE, f"request body exceeds {self.max_bytes} bytes"
+        )
+
+
+class HttpMetrics:
+    """Counts requests by route template and status, and times them."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.paths = paths  # the app's routes, for answers given before routing
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            # A route template, never an arbitrary path: unknown paths share one label.
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:
+                route = scope["path"] if scope["path"] in self.paths else "unmatched"
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)

@@ -1,0 +1,126 @@
+"""One request's way through the service: tokenise, check lengths, queue its texts on the
+batcher, wait (bounded by the deadline and by the client staying connected), format scores."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from service.batcher import DynamicBatcher, ItemResult
+from service.config import Settings
+from service.errors import ErrorType, ServiceError
+from service.metrics import Metrics
+from service.runtime import ModelRuntime, ScoreFunction
+
+
+@dataclass(frozen=True)
+class Prediction:
+    scores: list[list[dict[str, Any]]]  # per text: labels and scores, best first
+    tokens: int
+    tokenization_s: float
+    queue_s: float  # the longest wait of any of its texts
+    inference_s: float  # the longest batch any of its texts ran in
+
+
+class Predictor:
+    def __init__(
+        self, runtime: ModelRuntime, batcher: DynamicBatcher, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.runtime = runtime
+        self.batcher = batcher
+        self.settings = settings
+        self.metrics = metrics
+        # Tokenising in its own thread keeps the event loop free and does not queue behind
+        # inference, which has the batcher's thread.
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    def close(self) -> None:
+        self._tokenizer_pool.shutdown(wait=True)
+
+    async def predict(
+        self,
+        texts: list[str],
+        truncate: bool | None = None,
+        function: ScoreFunction | None = None,
+        top_k: int | None = None,
+        disconnected: Awaitable[Any] | None = None,
+    ) -> Prediction:
+        limit = self.settings.max_inputs_per_request
+        if len(texts) > limit:
+            raise ServiceError(
+                ErrorType.TOO_MANY_INPUTS,
+                f"{len(texts)} inputs in one request; the limit is {limit}",
+            )
+        started = time.monotonic()
+        deadline = started + self.settings.request_timeout_s
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(self._tokenizer_pool, self.runtime.preprocess, texts)
+        tokenization_s = time.monotonic() - started
+        self.metrics.tokenization_duration.observe(tokenization_s)
+
+        max_length = self.runtime.max_length
+        too_long = [
+            (i, e.original_tokens) for i, e in enumerate(encoded) if e.original_tokens > max_length
+        ]
+        if too_long and not (self.settings.auto_truncate if truncate is None else truncate):
+            i, n = too_long[0]
+            where = "inputs" if len(texts) == 1 else f"inputs[{i}]"
+            raise ServiceError(
+                ErrorType.INPUT_TOO_LONG,
+                f"{where} has {n} tokens; the model reads at most {max_length}. "
+                f'Send "truncate": true to score its first {max_length} tokens',
+            )
+
+        futures = self.batcher.submit([e.ids for e in encoded], deadline)
+        self.metrics.inputs.inc(len(texts))
+        self.metrics.inputs_truncated.inc(len(too_long))
+        results = await self._wait(futures, deadline, disconnected)
+
+        k = top_k or 2
+        return Prediction(
+            scores=[
+                [
+                    {"label": label, "score": score}
+                    for label, score in self.runtime.postprocess(r.logit, function or "sigmoid")[:k]
+                ]
+                for r in results
+            ],
+            tokens=sum(len(e.ids) for e in encoded),
+            tokenization_s=tokenization_s,
+            queue_s=max(r.queue_s for r in results),
+            inference_s=max(r.inference_s for r in results),
+        )
+
+    async def _wait(
+        self,
+        futures: list[asyncio.Future[ItemResult]],
+        deadline: float,
+        disconnected: Awaitable[Any] | None,
+    ) -> list[ItemResult]:
+        everything = asyncio.gather(*futures)
+        waiters: set[asyncio.Future[Any]] = {everything}
+        watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
+        if watcher is not None:
+            waiters.add(watcher)
+        try:
+            done, _ = await asyncio.wait(
+                waiters,
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if everything in done:
+            return list(everything.result())  # raises the error of a failed text, if any
+        everything.cancel()  # its texts that have not run yet will be skipped by the batcher
+        if watcher is not None and watcher in done:
+            raise ServiceError(ErrorType.CLIENT_CLOSED, "the client disconnected")
+        self.metrics.failures.labels("timeout").inc()
+        raise ServiceError(
+            ErrorType.TIMEOUT, f"no answer within {self.settings.request_timeout_s} s"
+        )

@@ -1,0 +1,103 @@
+"""Request and response bodies, named by role. The wire format is Hugging Face's
+text-classification format, so existing clients (``InferenceClient``, TEI clients) work."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+
+class PredictParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: StrictInt | None = Field(
+        None, ge=1, description="return the k best labels (default: all labels)"
+    )
+    function_to_apply: Literal["sigmoid", "softmax", "none"] | None = Field(
+        None,
+        description="'sigmoid' or 'softmax' (the same for this one-logit model): calibrated "
+        "probabilities; 'none': calibrated log-odds",
+    )
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"inputs": "A wonderful, moving film."}]},
+    )
+
+    inputs: str | list[str] = Field(description="one text, or a list of texts")
+    parameters: PredictParameters = Field(default_factory=PredictParameters)
+    truncate: StrictBool | None = Field(
+        None,
+        description="keep the first max_length tokens of a longer text instead of refusing "
+        "it (default: the server's auto_truncate setting)",
+    )
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _texts(cls, value: Any) -> Any:
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("inputs must be a string or a list of strings")
+        if not texts:
+            raise ValueError("inputs is an empty list")
+        for i, text in enumerate(texts):
+            where = "inputs" if isinstance(value, str) else f"inputs[{i}]"
+            if not text.strip():
+                raise ValueError(f"{where} is empty or only white space")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"{where} is not valid Unicode (lone surrogate at {exc.start})"
+                ) from None
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+# A single text answers a list of labels; a list of texts, a list of such lists.
+PredictResponse = list[LabelScore] | list[list[LabelScore]]
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what is wrong, in words")
+    error_type: str = Field(description="machine-readable kind, e.g. validation, overloaded")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "ready"]
+
+
+class BatchSettings(BaseModel):
+    max_batch_size: int
+    max_batch_tokens: int
+    max_wait_ms: float
+    max_queue_texts: int
+    max_inputs_per_request: int
+    request_timeout_s: float
+    auto_truncate: bool
+
+
+class InfoResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    model_version: str
+    device: str
+    max_length: int
+    labels: list[str]
+    temperature: float
+    parameters: int | None
+    architecture: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    batching: BatchSettings
