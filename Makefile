@@ -8,16 +8,30 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install lint format test test-fast clean
+.PHONY: install install-serve serve lint format test test-fast clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.torch:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	touch $@
+
+# The serving install: the service and the shipped model, no training-only packages.
+$(BIN)/.installed-serve: pyproject.toml $(BIN)/.torch
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed: pyproject.toml $(BIN)/.torch
 	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
 	touch $@
 
+install-serve: $(BIN)/.installed-serve
 install: $(BIN)/.installed
+
+# Serves models/$(SENTIMENT_MODEL_NAME) (default imdb-bigru) on 127.0.0.1:8000; every
+# SENTIMENT_* variable in the environment applies (see README).
+serve: install-serve
+	$(BIN)/python -m service
 
 lint: install
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import uvicorn
@@ -20,6 +21,9 @@ def main() -> int:
         )
         print(f"error: invalid configuration: {problems}", file=sys.stderr)
         return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
+    )
     # One worker per process by design: the batcher can only merge requests it sees.
     uvicorn.run(
         create_app(settings),

@@ -109,7 +109,7 @@ def _register_routes(app: FastAPI, settings: Settings, metrics: Metrics) -> None
             truncate=body.truncate,
             function=body.parameters.function_to_apply,
             top_k=body.parameters.top_k,
-            disconnected=_disconnect(request),
+            disconnected=lambda: _disconnect(request),
         )
         content = prediction.scores[0] if isinstance(body.inputs, str) else prediction.scores
         total_ms = (prediction.tokenization_s + prediction.queue_s + prediction.inference_s) * 1e3

@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     model_name: str = Field("imdb-bigru", description="bundle to serve: <model_dir>/<model_name>/")
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     max_batch_size: int = Field(64, ge=1, le=4096, description="texts per model call")

@@ -43,6 +43,11 @@ class BodyGuard:
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
                 raise self._too_large()
             body = await self._read(receive)
+            if not body.strip():
+                raise ServiceError(
+                    ErrorType.INVALID_JSON,
+                    'request body is empty; send JSON such as {"inputs": "some text"}',
+                )
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -57,9 +62,9 @@ class BodyGuard:
 
         # FastAPI parses JSON only under a JSON content type; the body was checked above.
         scope = dict(scope)
-        scope["headers"] = [
-            (k, v) for k, v in scope["headers"] if k.lower() != b"content-type"
-        ] + [(b"content-type", b"application/json")]
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"] + [
+            (b"content-type", b"application/json")
+        ]
         replayed = False
 
         async def replay() -> Message:

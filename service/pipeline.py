@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +47,7 @@ class Predictor:
         truncate: bool | None = None,
         function: ScoreFunction | None = None,
         top_k: int | None = None,
-        disconnected: Awaitable[Any] | None = None,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
     ) -> Prediction:
         limit = self.settings.max_inputs_per_request
         if len(texts) > limit:
@@ -99,11 +99,11 @@ class Predictor:
         self,
         futures: list[asyncio.Future[ItemResult]],
         deadline: float,
-        disconnected: Awaitable[Any] | None,
+        disconnected: Callable[[], Awaitable[Any]] | None,
     ) -> list[ItemResult]:
         everything = asyncio.gather(*futures)
         waiters: set[asyncio.Future[Any]] = {everything}
-        watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         if watcher is not None:
             waiters.add(watcher)
         try:

@@ -1,0 +1,60 @@
+"""A real uvicorn server on 127.0.0.1 serving the tiny bundle that the training CLI exports."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.config import Settings
+
+
+class RunningServer:
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread, settings: Settings):
+        self.server = server
+        self.thread = thread
+        self.settings = settings
+        port = server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def async_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=500, max_keepalive_connections=500)
+        return httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits, **kwargs)
+
+
+@contextmanager
+def serve(bundle: Path, **overrides: Any) -> Iterator[RunningServer]:
+    settings = Settings(model_dir=bundle.parent, model_name=bundle.name, port=0, **overrides)
+    config = uvicorn.Config(
+        create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield RunningServer(server, thread, settings)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(trained_bundle: Path) -> Iterator[RunningServer]:
+    with serve(trained_bundle) as running:
+        yield running

@@ -1,0 +1,270 @@
+"""The service over HTTP: a real uvicorn server on 127.0.0.1 and the tiny exported bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.runtime import ModelRuntime
+from tests.service.conftest import RunningServer, serve
+
+WORDS = ["great", "dull", "moving", "waste", "the", "film", "plot", "superb", "awful", "a"]
+
+
+def review(i: int) -> str:
+    rng = np.random.default_rng(i)
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(1, 30))))  # the tiny model reads 32
+
+
+def metric(server: RunningServer, name: str, /, **labels: str) -> float:
+    return metric_at(server.url, name, **labels)
+
+
+def metric_at(url: str, name: str, /, **labels: str) -> float:
+    """A sample's value from the service's /metrics, parsed as Prometheus would."""
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_single_text_in_the_hugging_face_format(server: RunningServer, trained_bundle: Path):
+    response = httpx.post(f"{server.url}/predict", json={"inputs": "A great, moving film."})
+    assert response.status_code == 200
+    body = response.json()
+    assert [item["label"] for item in body] in (["POSITIVE", "NEGATIVE"], ["NEGATIVE", "POSITIVE"])
+    assert body[0]["score"] >= body[1]["score"]
+    assert body[0]["score"] + body[1]["score"] == pytest.approx(1.0)
+    runtime = ModelRuntime.load(trained_bundle, "cpu")
+    [encoded] = runtime.preprocess(["A great, moving film."])
+    expected = runtime.postprocess(float(runtime.infer([encoded.ids])[0]))
+    assert [(b["label"], b["score"]) for b in body] == [
+        (label, pytest.approx(score, abs=1e-6)) for label, score in expected
+    ]
+    for header in ("x-total-time", "x-tokenization-time", "x-queue-time", "x-inference-time"):
+        assert float(response.headers[header]) >= 0
+
+
+def test_list_of_64_equals_64_concurrent_requests_equals_the_model(
+    server: RunningServer, trained_bundle: Path
+):
+    texts = [review(i) for i in range(64)]
+    as_list = httpx.post(f"{server.url}/predict", json={"inputs": texts}, timeout=30).json()
+
+    async def one_by_one() -> list[Any]:
+        async with server.async_client() as client:
+            answers = await asyncio.gather(
+                *(client.post("/predict", json={"inputs": t}) for t in texts)
+            )
+        return [a.json() for a in answers]
+
+    concurrent = asyncio.run(one_by_one())
+    runtime = ModelRuntime.load(trained_bundle, "cpu")
+    direct = [
+        float(runtime.infer([e.ids])[0]) for e in runtime.preprocess(texts)
+    ]  # one at a time, no batching at all
+    for i, text_answer in enumerate(as_list):
+        want = dict(runtime.postprocess(direct[i]))
+        for got in (text_answer, concurrent[i]):
+            assert {g["label"]: g["score"] for g in got} == {
+                k: pytest.approx(v, abs=1e-5) for k, v in want.items()
+            }, texts[i]
+
+
+def test_concurrent_requests_are_merged_into_few_batches(trained_bundle: Path):
+    with serve(trained_bundle, max_wait_ms=20) as server:
+        before = metric(server, "sentiment_batch_size_count")
+
+        async def flood() -> list[int]:
+            async with server.async_client() as client:
+                answers = await asyncio.gather(
+                    *(client.post("/predict", json={"inputs": review(i)}) for i in range(200))
+                )
+            return [a.status_code for a in answers]
+
+        assert asyncio.run(flood()) == [200] * 200
+        batches = metric(server, "sentiment_batch_size_count") - before
+        texts = metric(server, "sentiment_batch_size_sum")
+        assert texts == 200
+        assert batches <= 50, f"200 requests took {batches} model batches"
+
+
+def test_top_k_and_function_to_apply(server: RunningServer):
+    url = f"{server.url}/predict"
+    top = httpx.post(url, json={"inputs": "great", "parameters": {"top_k": 1}}).json()
+    assert len(top) == 1
+    raw = httpx.post(url, json={"inputs": "great", "parameters": {"function_to_apply": "none"}})
+    scores = {b["label"]: b["score"] for b in raw.json()}
+    assert scores["POSITIVE"] == pytest.approx(-scores["NEGATIVE"])
+    many = httpx.post(url, json={"inputs": ["great", "awful"], "parameters": {"top_k": 5}}).json()
+    assert [len(m) for m in many] == [2, 2]
+
+
+def test_truncate_scores_the_first_max_length_tokens(server: RunningServer):
+    long = "great film " * 100
+    response = httpx.post(f"{server.url}/predict", json={"inputs": long, "truncate": True})
+    assert response.status_code == 200
+    assert int(response.headers["x-compute-tokens"]) == 32
+    assert metric(server, "sentiment_inputs_truncated_total") >= 1
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status", "error_type", "says"),
+    [
+        (b"", {}, 400, "invalid_json", "body is empty"),
+        (b"{bad", {}, 400, "invalid_json", "not valid JSON"),
+        (b'{"inputs": "\xff\xfe"}', {}, 400, "invalid_encoding", "not valid UTF-8"),
+        (b'"just a string"', {}, 422, "validation", "body"),
+        (b"{}", {}, 422, "validation", "inputs: Field required"),
+        (b'{"inputs": null}', {}, 422, "validation", "string or a list of strings"),
+        (b'{"inputs": 7}', {}, 422, "validation", "string or a list of strings"),
+        (b'{"inputs": [["nested"]]}', {}, 422, "validation", "string or a list of strings"),
+        (b'{"inputs": []}', {}, 422, "validation", "empty list"),
+        (b'{"inputs": ""}', {}, 422, "validation", "inputs is empty"),
+        (b'{"inputs": ["ok", " \\n\\t "]}', {}, 422, "validation", "inputs[1] is empty"),
+        (b'{"inputs": "a\\ud800b"}', {}, 422, "validation", "lone surrogate"),
+        (b'{"inputs": "x", "stream": true}', {}, 422, "validation", "stream: Extra inputs"),
+        (b'{"inputs": "x", "parameters": {"top_k": -1}}', {}, 422, "validation", "top_k"),
+        (b'{"inputs": "x", "parameters": {"top_k": "2"}}', {}, 422, "validation", "top_k"),
+        (b'{"inputs": "x", "truncate": "yes"}', {}, 422, "validation", "truncate"),
+        (
+            b'{"inputs": "x"}',
+            {"content-type": "text/plain"},
+            415,
+            "unsupported_media_type",
+            "text/plain",
+        ),
+        (
+            json.dumps({"inputs": "great " * 100}).encode(),
+            {},
+            413,
+            "input_too_long",
+            '"truncate": true',
+        ),
+        (json.dumps({"inputs": ["x"] * 257}).encode(), {}, 413, "too_many_inputs", "257 inputs"),
+        (b'{"inputs": "' + b"a" * 2_100_000 + b'"}', {}, 413, "payload_too_large", "exceeds"),
+    ],
+)
+def test_bad_requests_get_a_named_4xx(
+    server: RunningServer,
+    content: bytes,
+    headers: dict[str, str],
+    status: int,
+    error_type: str,
+    says: str,
+):
+    response = httpx.post(f"{server.url}/predict", content=content, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.json()["error_type"] == error_type
+    assert says in response.json()["error"]
+    # and the service keeps serving
+    assert httpx.post(f"{server.url}/predict", json={"inputs": "fine"}).status_code == 200
+
+
+def test_curl_style_form_content_type_is_read_as_json(server: RunningServer):
+    response = httpx.post(
+        f"{server.url}/predict",
+        content=b'{"inputs": "A wonderful, moving film."}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 200
+    assert len(response.json()) == 2
+
+
+def test_unknown_route_and_method(server: RunningServer):
+    assert httpx.get(f"{server.url}/nope").json()["error_type"] == "not_found"
+    response = httpx.get(f"{server.url}/predict")
+    assert response.status_code == 405
+    assert response.json()["error_type"] == "method_not_allowed"
+
+
+def test_full_queue_answers_429_with_retry_after_at_once(trained_bundle: Path):
+    with serve(trained_bundle, max_queue_texts=4, max_wait_ms=300) as server:
+
+        async def burst() -> list[httpx.Response]:
+            async with server.async_client() as client:
+                return await asyncio.gather(
+                    *(client.post("/predict", json={"inputs": review(i)}) for i in range(30))
+                )
+
+        answers = asyncio.run(burst())
+        statuses = sorted({a.status_code for a in answers})
+        assert statuses == [200, 429]
+        refused = next(a for a in answers if a.status_code == 429)
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error_type"] == "overloaded"
+        assert metric(server, "sentiment_failures_total", reason="overloaded") >= 1
+
+
+def test_deadline_counts_queue_time_and_answers_504(trained_bundle: Path):
+    with serve(trained_bundle, request_timeout_s=0.05, max_wait_ms=500) as server:
+        response = httpx.post(f"{server.url}/predict", json={"inputs": "great film"})
+        assert response.status_code == 504
+        assert response.json()["error_type"] == "timeout"
+
+
+def test_health_ready_info_and_docs(server: RunningServer):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["model_name"] == "tiny"
+    assert info["device"] == "cpu"
+    assert info["max_length"] == 32
+    assert info["batching"]["max_batch_size"] == 64
+    assert "test" in info["metrics"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"]["$ref"].endswith("/PredictRequest")
+
+
+def test_metrics_parse_and_cover_the_service(server: RunningServer):
+    httpx.post(f"{server.url}/predict", json={"inputs": ["great", "awful"]})
+    httpx.post(f"{server.url}/predict", json={"inputs": ""})
+    text = httpx.get(f"{server.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "sentiment_requests",
+        "sentiment_request_duration_seconds",
+        "sentiment_tokenization_duration_seconds",
+        "sentiment_queue_duration_seconds",
+        "sentiment_inference_duration_seconds",
+        "sentiment_batch_size",
+        "sentiment_batch_tokens",
+        "sentiment_queue_depth",
+        "sentiment_failures",
+        "sentiment_inputs_truncated",
+        "sentiment_model_info",
+        "sentiment_inputs",
+    ):
+        assert name in families, name
+    assert all(n.startswith("sentiment_") for n in families)
+    assert metric(server, "sentiment_requests_total", route="/predict", status="422") >= 1
+    assert metric(server, "sentiment_model_info", name="tiny", device="cpu") == 1
+    buckets = [
+        s.labels["le"]
+        for s in families["sentiment_batch_size"].samples
+        if s.name.endswith("_bucket")
+    ]
+    assert buckets[:4] == ["1.0", "2.0", "4.0", "8.0"]
+
+
+def test_hugging_face_inference_client_round_trip(server: RunningServer):
+    from huggingface_hub import InferenceClient
+
+    text = "A wonderful, moving film."
+    ours = httpx.post(f"{server.url}/predict", json={"inputs": text}).json()
+    client = InferenceClient(model=f"{server.url}/predict")
+    # The client parses the answer as a list and returns its first element: the best label.
+    theirs = client.text_classification(text)
+    assert (theirs.label, theirs.score) == (ours[0]["label"], pytest.approx(ours[0]["score"]))
+    assert client.text_classification(text, top_k=1).label == ours[0]["label"]

@@ -1,0 +1,187 @@
+"""The dynamic batcher on its own: no HTTP, a recording model function."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batcher import DynamicBatcher
+from service.errors import ErrorType, ServiceError
+from service.metrics import Metrics
+
+
+class RecordingModel:
+    """Logit = sum of ids, so every answer can be checked; records each batch it sees."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
+        self.batches: list[list[int]] = []  # lengths per batch
+        self.delay = delay
+        self.fail = fail
+        self.thread_names: set[str] = set()
+
+    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+        self.thread_names.add(threading.current_thread().name)
+        self.batches.append([len(s) for s in seqs])
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("CUDA error: device-side assert (simulated)")
+        return np.array([float(s.sum()) for s in seqs], dtype=np.float32)
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+def make(model: RecordingModel, **overrides: Any) -> DynamicBatcher:
+    options: dict[str, Any] = dict(
+        max_batch_size=8, max_batch_tokens=10_000, max_wait_s=0.05, max_queue=100
+    )
+    options.update(overrides)
+    return DynamicBatcher(model, **options)
+
+
+def seq(length: int, value: int = 1) -> np.ndarray:
+    return np.full(length, value, dtype=np.int64)
+
+
+def test_concurrent_submissions_share_batches_and_keep_their_answers():
+    model = RecordingModel()
+
+    async def scenario() -> list[float]:
+        batcher = make(model)
+        await batcher.start()
+        deadline = time.monotonic() + 10
+        futures = [f for i in range(20) for f in batcher.submit([seq(3, i)], deadline)]
+        results = await asyncio.gather(*futures)
+        await batcher.stop()
+        return [r.logit for r in results]
+
+    assert run(scenario()) == [3.0 * i for i in range(20)]
+    assert sum(map(len, model.batches)) == 20
+    assert len(model.batches) == 3  # 8 + 8 + 4, not 20 calls
+    assert max(map(len, model.batches)) == 8
+    assert model.thread_names == {"inference_0"}  # never on the event loop's thread
+
+
+def test_batches_group_lengths_and_respect_the_token_budget():
+    model = RecordingModel()
+    lengths = [50, 2, 49, 3, 48, 1, 51, 4]
+
+    async def scenario() -> None:
+        batcher = make(model, max_batch_size=4, max_batch_tokens=120)
+        await batcher.start()
+        futures = batcher.submit([seq(n) for n in lengths], time.monotonic() + 10)
+        results = await asyncio.gather(*futures)
+        assert [r.logit for r in results] == [float(n) for n in lengths]  # order kept
+        await batcher.stop()
+
+    run(scenario())
+    assert model.batches == [[1, 2, 3, 4], [48, 49], [50, 51]]  # 2 x 51 <= 120 < 3 x 50
+
+
+def test_a_lone_text_is_not_held_longer_than_max_wait():
+    model = RecordingModel()
+
+    async def scenario() -> float:
+        batcher = make(model, max_wait_s=0.01)
+        await batcher.start()
+        [future] = batcher.submit([seq(5)], time.monotonic() + 10)
+        result = await asyncio.wait_for(future, timeout=5)
+        await batcher.stop()
+        return result.logit
+
+    assert run(scenario()) == 5.0
+    assert model.batches == [[5]]
+
+
+def test_a_failed_batch_answers_every_waiting_text_and_the_batcher_goes_on():
+    model = RecordingModel(fail=True)
+
+    async def scenario() -> None:
+        batcher = make(model, metrics=Metrics())
+        await batcher.start()
+        futures = batcher.submit([seq(2), seq(3), seq(4)], time.monotonic() + 10)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        assert all(isinstance(o, ServiceError) for o in outcomes)
+        assert {o.error_type for o in outcomes} == {ErrorType.BACKEND}  # type: ignore[union-attr]
+        model.fail = False
+        [after] = batcher.submit([seq(6)], time.monotonic() + 10)
+        assert (await after).logit == 6.0
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_texts_whose_deadline_passes_in_the_queue_time_out_without_running():
+    model = RecordingModel(delay=0.2)
+
+    async def scenario() -> None:
+        batcher = make(model, max_batch_size=1, max_wait_s=0)
+        await batcher.start()
+        now = time.monotonic()
+        first = batcher.submit([seq(1)], now + 10)
+        late = batcher.submit([seq(2)], now + 0.05)  # still queued when the first ends
+        assert (await first[0]).logit == 1.0
+        with pytest.raises(ServiceError) as caught:
+            await late[0]
+        assert caught.value.error_type is ErrorType.TIMEOUT
+        await batcher.stop()
+
+    run(scenario())
+    assert model.batches == [[1]]
+
+
+def test_a_full_queue_refuses_with_retry_after():
+    model = RecordingModel()
+
+    async def scenario() -> None:
+        batcher = make(model, max_queue=3, max_wait_s=1.0)
+        await batcher.start()
+        batcher.submit([seq(1), seq(1)], time.monotonic() + 10)
+        with pytest.raises(ServiceError) as caught:
+            batcher.submit([seq(1), seq(1)], time.monotonic() + 10)  # all or nothing
+        assert caught.value.error_type is ErrorType.OVERLOADED
+        assert caught.value.retry_after == 1
+        assert batcher.depth == 2
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_cancelled_texts_are_dropped_and_counted_not_computed():
+    model = RecordingModel()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        batcher = make(model, max_wait_s=0.05, metrics=metrics)
+        await batcher.start()
+        gone, kept = batcher.submit([seq(7), seq(9)], time.monotonic() + 10)
+        gone.cancel()  # what the pipeline does when a client disconnects
+        assert (await kept).logit == 9.0
+        await batcher.stop()
+
+    run(scenario())
+    assert model.batches == [[9]]
+    assert metrics.failures.labels("client_disconnected")._value.get() == 1
+
+
+def test_stop_finishes_accepted_work_then_refuses_new_work():
+    model = RecordingModel(delay=0.01)
+
+    async def scenario() -> None:
+        batcher = make(model, max_batch_size=2, max_wait_s=1.0)
+        await batcher.start()
+        futures = batcher.submit([seq(i + 1) for i in range(7)], time.monotonic() + 10)
+        await batcher.stop()  # does not wait out max_wait: draining closes batches at once
+        assert [f.result().logit for f in futures] == [float(i + 1) for i in range(7)]
+        with pytest.raises(ServiceError) as caught:
+            batcher.submit([seq(1)], time.monotonic() + 10)
+        assert caught.value.error_type is ErrorType.UNAVAILABLE
+
+    run(scenario())

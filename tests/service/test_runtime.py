@@ -1,0 +1,112 @@
+"""The model runtime on the exported tiny bundle, and on bundles that must not load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.errors import BundleError
+from service.runtime import ModelRuntime
+from training.tokenizer import train_tokenizer
+
+TEXTS = ["A great, moving film.", "Dull and clumsy, a waste.", "naïve Amélie 😀 " * 30]
+
+
+@pytest.fixture(scope="module")
+def runtime(trained_bundle: Path) -> ModelRuntime:
+    return ModelRuntime.load(trained_bundle, "cpu")
+
+
+def test_preprocess_truncates_with_the_bundle_tokenizer_and_reports_the_original_length(
+    runtime: ModelRuntime,
+):
+    short, _, long = runtime.preprocess(TEXTS)
+    assert short.ids.dtype == np.int64
+    assert short.original_tokens == len(short.ids) == 6
+    assert len(long.ids) == runtime.max_length == 32
+    assert long.original_tokens > runtime.max_length
+
+
+def test_batched_inference_equals_one_text_at_a_time(runtime: ModelRuntime):
+    seqs = [e.ids for e in runtime.preprocess(TEXTS)]
+    batched = runtime.infer(seqs)
+    singles = np.concatenate([runtime.infer([s]) for s in seqs])
+    np.testing.assert_allclose(batched, singles, rtol=0, atol=1e-6)
+    # The same numbers the TorchScript file gives when called directly.
+    model = torch.jit.load(str(runtime.folder / "model.pt"))
+    with torch.no_grad():
+        direct = model(torch.tensor(seqs[0])[None], torch.tensor([len(seqs[0])]))
+    np.testing.assert_allclose(batched[0], direct.numpy()[0], rtol=0, atol=1e-6)
+
+
+def test_postprocess_applies_the_temperature(runtime: ModelRuntime):
+    runtime_t = runtime.temperature
+    (top, p), (other, q) = runtime.postprocess(2.0)
+    assert (top, other) == ("POSITIVE", "NEGATIVE")
+    assert p == pytest.approx(1 / (1 + np.exp(-2.0 / runtime_t)))
+    assert p + q == pytest.approx(1.0)
+    assert runtime.postprocess(2.0, "softmax") == runtime.postprocess(2.0, "sigmoid")
+    assert runtime.postprocess(-1.0, "none") == [
+        ("NEGATIVE", pytest.approx(1.0 / runtime_t)),
+        ("POSITIVE", pytest.approx(-1.0 / runtime_t)),
+    ]
+    assert runtime.postprocess(-800.0)[0] == ("NEGATIVE", 1.0)  # no overflow
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "broken"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_missing_bundle_and_missing_files(trained_bundle: Path, tmp_path: Path):
+    with pytest.raises(BundleError, match="not found"):
+        ModelRuntime.load(tmp_path / "absent", "cpu")
+    broken = _copy(trained_bundle, tmp_path)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match=r"lacks tokenizer\.json"):
+        ModelRuntime.load(broken, "cpu")
+
+
+def test_corrupt_model_file(trained_bundle: Path, tmp_path: Path):
+    broken = _copy(trained_bundle, tmp_path)
+    (broken / "model.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(BundleError, match="not a loadable TorchScript file"):
+        ModelRuntime.load(broken, "cpu")
+
+
+def test_corrupt_or_foreign_card(trained_bundle: Path, tmp_path: Path):
+    broken = _copy(trained_bundle, tmp_path)
+    (broken / "card.json").write_text("{ not json")
+    with pytest.raises(BundleError, match=r"card\.json is unreadable"):
+        ModelRuntime.load(broken, "cpu")
+    card = json.loads((trained_bundle / "card.json").read_text())
+    (broken / "card.json").write_text(json.dumps({**card, "format_version": 99}))
+    with pytest.raises(BundleError, match="format_version 99"):
+        ModelRuntime.load(broken, "cpu")
+
+
+def test_tokenizer_larger_than_the_embedding_table(trained_bundle: Path, tmp_path: Path):
+    broken = _copy(trained_bundle, tmp_path)
+    words = [f"word{i}" for i in range(5000)]
+    bigger = train_tokenizer([" ".join(words)], vocab_size=10_000, min_count=1)
+    bigger.enable_truncation(
+        max_length=json.loads((broken / "card.json").read_text())["max_length"]
+    )
+    bigger.save(str(broken / "tokenizer.json"))
+    with pytest.raises(BundleError, match="do not match"):
+        ModelRuntime.load(broken, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_answers_match_cpu(trained_bundle: Path):
+    cpu = ModelRuntime.load(trained_bundle, "cpu")
+    gpu = ModelRuntime.load(trained_bundle, "cuda")
+    seqs = [e.ids for e in cpu.preprocess(TEXTS)]
+    np.testing.assert_allclose(gpu.infer(seqs), cpu.infer(seqs), rtol=0, atol=1e-4)

@@ -1,0 +1,96 @@
+"""`python -m service` as a real process: SIGTERM with requests queued loses none of them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.service.test_app import metric_at
+
+QUEUED = 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sigterm_answers_every_accepted_request(trained_bundle: Path):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "SENTIMENT_MODEL_DIR": str(trained_bundle.parent),
+        "SENTIMENT_MODEL_NAME": trained_bundle.name,
+        "SENTIMENT_PORT": str(port),
+        # A long batching window: the requests are still queued when SIGTERM arrives.
+        "SENTIMENT_MAX_WAIT_MS": "1000",
+        "SENTIMENT_MAX_BATCH_SIZE": "64",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "service did not become ready"
+            time.sleep(0.1)
+
+        async def scenario() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+                pending = [
+                    asyncio.ensure_future(client.post("/predict", json={"inputs": f"great {i}"}))
+                    for i in range(QUEUED)
+                ]
+                while await asyncio.to_thread(metric_at, url, "sentiment_queue_depth") < QUEUED:
+                    await asyncio.sleep(0.02)
+                process.send_signal(signal.SIGTERM)
+                answers = await asyncio.gather(*pending)
+            return [a.status_code for a in answers]
+
+        assert asyncio.run(scenario()) == [200] * QUEUED
+        output, _ = process.communicate(timeout=30)
+        # uvicorn shuts down cleanly, then re-raises the signal it caught.
+        assert process.returncode in (0, -signal.SIGTERM), output
+        assert "batcher drained and stopped" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_an_unusable_bundle_stops_the_service_with_a_clear_message(tmp_path: Path):
+    env = {**os.environ, "SENTIMENT_MODEL_DIR": str(tmp_path), "SENTIMENT_PORT": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert "cannot serve: model bundle not found" in result.stderr
+
+
+def test_invalid_settings_are_refused_before_start():
+    env = {**os.environ, "SENTIMENT_MAX_BATCH_SIZE": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "SENTIMENT_MAX_BATCH_SIZE" in result.stderr
