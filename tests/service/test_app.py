@@ -268,3 +268,17 @@ def test_hugging_face_inference_client_round_trip(server: RunningServer):
     theirs = client.text_classification(text)
     assert (theirs.label, theirs.score) == (ours[0]["label"], pytest.approx(ours[0]["score"]))
     assert client.text_classification(text, top_k=1).label == ours[0]["label"]
+
+
+def test_a_request_split_across_batches_is_reassembled_in_order(trained_bundle: Path):
+    texts = [review(1000 + i) for i in range(30)]
+    with serve(trained_bundle, max_batch_size=8) as server:
+        answer = httpx.post(f"{server.url}/predict", json={"inputs": texts}).json()
+        assert metric(server, "sentiment_batch_size_count") >= 4  # 30 texts, 8 per batch
+    runtime = ModelRuntime.load(trained_bundle, "cpu")
+    for text, got in zip(texts, answer, strict=True):
+        [encoded] = runtime.preprocess([text])
+        want = dict(runtime.postprocess(float(runtime.infer([encoded.ids])[0])))
+        assert {g["label"]: g["score"] for g in got} == {
+            k: pytest.approx(v, abs=1e-5) for k, v in want.items()
+        }
