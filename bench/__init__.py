@@ -1,0 +1,1 @@
+"""Benchmarks. Each reports figures measured in one run, with the command that produced them."""
