@@ -75,7 +75,7 @@ def run(
         "tokens_mean": round(float(lengths.mean()), 1),
         "tokens_p50_p90_max": [int(np.percentile(lengths, p)) for p in (50, 90, 100)],
         "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, torch {torch.__version__}",
         "results": rows,
     }
 
