@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from training.batches import pad_batch
 from training.config import default_data_source
 from training.data import load_imdb
+from training.tokenizer import encode
 
 
 def load_reviews(data: str, count: int, seed: int) -> list[str]:
@@ -30,19 +32,15 @@ def load_reviews(data: str, count: int, seed: int) -> list[str]:
     return [test.texts[i] for i in pick]
 
 
-def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in seqs])
-    ids = torch.zeros((len(seqs), max(1, int(lengths.max()))), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-    return ids, lengths
-
-
 def throughput(
-    model: torch.jit.ScriptModule, seqs: list[list[int]], batch_size: int, min_seconds: float
+    model: torch.jit.ScriptModule, seqs: list[np.ndarray], batch_size: int, min_seconds: float
 ) -> float:
     """Reviews per second over whole passes through ``seqs``, at least ``min_seconds`` long."""
-    batches = [pad(seqs[i : i + batch_size]) for i in range(0, len(seqs), batch_size)]
+    # The bundle's tokenizer has truncated already; no max_len cut beyond that.
+    longest = max(len(s) for s in seqs)
+    batches = [
+        pad_batch(seqs[i : i + batch_size], longest) for i in range(0, len(seqs), batch_size)
+    ]
     with torch.no_grad():
         model(*batches[0])  # warm-up
         done, started = 0, time.perf_counter()
@@ -60,7 +58,7 @@ def run(
 ) -> dict[str, Any]:
     model = torch.jit.load(str(bundle / "model.pt"), map_location="cpu").eval()
     tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    seqs = [e.ids for e in tokenizer.encode_batch(load_reviews(data, count, seed=0))]
+    seqs = encode(tokenizer, load_reviews(data, count, seed=0))
     lengths = np.array([len(s) for s in seqs])
     rows = []
     for batch_size in batch_sizes:
