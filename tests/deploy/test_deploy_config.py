@@ -1,0 +1,91 @@
+"""Static checks of the container set-up (the live check is deploy/e2e.sh): the compose file,
+Prometheus's scrape config, and Grafana's provisioning, which cannot be run here."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.conftest import RunningServer
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
+
+
+def exported_series(server: RunningServer) -> set[str]:
+    httpx.post(f"{server.url}/predict", json={"inputs": "great"})
+    httpx.post(f"{server.url}/predict", json={"inputs": ""})  # a failure, so labels exist
+    text = httpx.get(f"{server.url}/metrics").text
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_every_dashboard_query_uses_metrics_the_service_exports(server: RunningServer):
+    series = exported_series(server)
+    dashboards = list(DASHBOARDS.glob("*.json"))
+    assert dashboards
+    for path in dashboards:
+        dashboard = json.loads(path.read_text())
+        expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        assert expressions
+        for expr in expressions:
+            names = set(re.findall(r"\bsentiment_[a-z_]+", expr))
+            assert names, expr
+            assert names <= series, f"{path.name}: {expr} uses {names - series}"
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("request rate", "error rate", "latency", "batch size", "queue depth",
+                  "inference"):
+        assert topic in titles, topic
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboards():
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning"
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "dashboards.yml").read_text())[
+        "providers"
+    ]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in mounts
+
+
+def test_prometheus_scrapes_the_api_service():
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    [job] = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == ["api:8000"]
+
+
+def test_compose_api_service_is_hardened():
+    api = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]
+    assert api["read_only"] is True
+    assert api["user"].split(":")[0] != "0"
+    assert all(p.startswith("127.0.0.1:") for p in api["ports"])
+    assert "healthcheck" in api
+    assert api["restart"] == "unless-stopped"
+    assert api["mem_limit"]
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["api"]
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert gpu["environment"]["SENTIMENT_DEVICE"] == "cuda"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+@pytest.mark.parametrize("files", [["docker-compose.yml"],
+                                   ["docker-compose.yml", "docker-compose.gpu.yml"]])
+def test_docker_compose_config_validates(files: list[str]):
+    args = [a for f in files for a in ("-f", f)]
+    result = subprocess.run(["docker-compose", *args, "config", "-q"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
