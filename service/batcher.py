@@ -140,12 +140,9 @@ class DynamicBatcher:
         take = min(len(self._pending), self.max_batch_size * ROUND_BATCHES)
         window = [self._pending.popleft() for _ in range(take)]
         self._metrics.queue_depth.set(len(self._pending))
-        live = []
-        for item in window:
-            if item.future.cancelled():  # its client went away: do not compute it
-                self._metrics.failures.labels("client_disconnected").inc()
-            else:
-                live.append(item)
+        # A cancelled text's request gave up (client gone, or deadline passed): skip it. The
+        # request's own error answer is what gets counted.
+        live = [item for item in window if not item.future.cancelled()]
         live.sort(key=lambda item: len(item.ids))
         batches: list[list[_Pending]] = []
         current: list[_Pending] = []
@@ -167,13 +164,11 @@ class DynamicBatcher:
         live = []
         for item in batch:
             if item.future.done():
-                if item.future.cancelled():
-                    self._metrics.failures.labels("client_disconnected").inc()
-            elif item.deadline <= started:
+                continue
+            if item.deadline <= started:
                 item.future.set_exception(
                     ServiceError(ErrorType.TIMEOUT, "request deadline passed while queued")
                 )
-                self._metrics.failures.labels("timeout").inc()
             else:
                 live.append(item)
         if not live:
@@ -183,7 +178,6 @@ class DynamicBatcher:
             logits = await loop.run_in_executor(self._executor, self._infer, [i.ids for i in live])
         except Exception:
             log.exception("inference failed for a batch of %d texts", len(live))
-            self._metrics.failures.labels("inference_error").inc(len(live))
             for item in live:
                 if not item.future.done():
                     item.future.set_exception(

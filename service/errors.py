@@ -19,7 +19,7 @@ class ErrorType(StrEnum):
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     OVERLOADED = "overloaded"
-    CLIENT_CLOSED = "client_closed_request"
+    CLIENT_CLOSED = "client_disconnected"
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
     BACKEND = "backend"

@@ -120,7 +120,6 @@ class Predictor:
         everything.cancel()  # its texts that have not run yet will be skipped by the batcher
         if watcher is not None and watcher in done:
             raise ServiceError(ErrorType.CLIENT_CLOSED, "the client disconnected")
-        self.metrics.failures.labels("timeout").inc()
         raise ServiceError(
             ErrorType.TIMEOUT, f"no answer within {self.settings.request_timeout_s} s"
         )
