@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,7 +23,7 @@ from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.errors import STATUS, BundleError, ErrorType, ServiceError
 from service.metrics import Metrics
-from service.middleware import BodyGuard, HttpMetrics, error_response
+from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_response
 from service.pipeline import Predictor
 from service.runtime import ModelRuntime
 from service.schemas import (
@@ -89,7 +90,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     _register_errors(app, metrics)
     _register_routes(app, settings, metrics)
+    # Added innermost first: metrics see every answer, CORS answers preflights before auth,
+    # and no body is read for a request that auth refuses.
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    if settings.api_keys:
+        keys = [k.get_secret_value() for k in settings.api_keys]
+        app.add_middleware(ApiKeyAuth, keys=keys, exempt=settings.auth_exempt_paths)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     paths = frozenset(getattr(route, "path", "") for route in app.routes)
     app.add_middleware(HttpMetrics, metrics=metrics, paths=paths)  # outermost: sees every answer
     return app

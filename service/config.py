@@ -4,10 +4,13 @@ start: a bad value stops the service with a message naming the variable."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Lists come from the environment as comma-separated text: SENTIMENT_CORS_ORIGINS=a,b
+CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -42,6 +45,41 @@ class Settings(BaseSettings):
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
     warmup: bool = Field(True, description="run the model once per batch shape before serving")
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="accepted API keys, comma-separated; none: no authentication",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="file with one accepted API key per line (# comments allowed)"
+    )
+    auth_exempt_paths: CommaList = Field(
+        default_factory=lambda: ["/health", "/ready", "/metrics"],
+        description="paths served without an API key",
+    )
+    cors_origins: CommaList = Field(
+        default_factory=list, description="origins allowed by CORS; none: CORS off"
+    )
+
+    @field_validator("api_keys", "auth_exempt_paths", "cors_origins", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _read_keys_file(self) -> Settings:
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise ValueError(f"api_keys_file {self.api_keys_file}: {exc.strerror}") from exc
+            keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+            if not keys:
+                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
+            self.api_keys = [*self.api_keys, *map(SecretStr, keys)]
+        return self
 
     @property
     def bundle_dir(self) -> Path:

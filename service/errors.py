@@ -12,6 +12,7 @@ class ErrorType(StrEnum):
     INVALID_JSON = "invalid_json"
     INVALID_ENCODING = "invalid_encoding"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNAUTHORIZED = "unauthorized"
     VALIDATION = "validation"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     TOO_MANY_INPUTS = "too_many_inputs"
@@ -29,6 +30,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.INVALID_JSON: 400,
     ErrorType.INVALID_ENCODING: 400,
     ErrorType.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorType.UNAUTHORIZED: 401,
     ErrorType.VALIDATION: 422,
     ErrorType.PAYLOAD_TOO_LARGE: 413,
     ErrorType.TOO_MANY_INPUTS: 413,

@@ -3,7 +3,9 @@ it (size, content type, UTF-8), each answered with the service's JSON error."""
 
 from __future__ import annotations
 
+import hmac
 import time
+from collections.abc import Iterable
 from email.message import Message as MimeHeader
 
 from starlette.responses import JSONResponse
@@ -17,12 +19,41 @@ _ACCEPTED_TYPES = {"application/json", "application/x-www-form-urlencoded"}
 
 
 def error_response(error: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else {}
+    if error.error_type is ErrorType.UNAUTHORIZED:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
         {"error": error.message, "error_type": error.error_type.value},
         status_code=error.status,
         headers=headers,
     )
+
+
+class ApiKeyAuth:
+    """``Authorization: Bearer <key>`` on every path but the exempt ones."""
+
+    def __init__(self, app: ASGIApp, keys: Iterable[str], exempt: Iterable[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.exempt = frozenset(exempt)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        error = ServiceError(
+            ErrorType.UNAUTHORIZED, "missing or invalid API key: send 'Authorization: Bearer <key>'"
+        )
+        await error_response(error)(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token:
+            return False
+        # Compared with every key, each in constant time: no early exit reveals which matched.
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+        return any(matches)
 
 
 class BodyGuard:

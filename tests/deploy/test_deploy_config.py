@@ -40,8 +40,14 @@ def test_every_dashboard_query_uses_metrics_the_service_exports(server: RunningS
             assert names, expr
             assert names <= series, f"{path.name}: {expr} uses {names - series}"
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("request rate", "error rate", "latency", "batch size", "queue depth",
-                  "inference"):
+    for topic in (
+        "request rate",
+        "error rate",
+        "latency",
+        "batch size",
+        "queue depth",
+        "inference",
+    ):
         assert topic in titles, topic
 
 
@@ -82,10 +88,12 @@ def test_compose_api_service_is_hardened():
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
-@pytest.mark.parametrize("files", [["docker-compose.yml"],
-                                   ["docker-compose.yml", "docker-compose.gpu.yml"]])
+@pytest.mark.parametrize(
+    "files", [["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]]
+)
 def test_docker_compose_config_validates(files: list[str]):
     args = [a for f in files for a in ("-f", f)]
-    result = subprocess.run(["docker-compose", *args, "config", "-q"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["docker-compose", *args, "config", "-q"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr

@@ -151,6 +151,14 @@ def test_truncate_scores_the_first_max_length_tokens(server: RunningServer):
             '"truncate": true',
         ),
         (json.dumps({"inputs": ["x"] * 257}).encode(), {}, 413, "too_many_inputs", "257 inputs"),
+        (json.dumps({"inputs": ["x"] * 10_000}).encode(), {}, 413, "too_many_inputs", "10000"),
+        (
+            json.dumps({"inputs": "word " * 1_000_000}).encode(),
+            {},
+            413,
+            "payload_too_large",
+            "exceeds",
+        ),  # a 5 MB text
         (b'{"inputs": "' + b"a" * 2_100_000 + b'"}', {}, 413, "payload_too_large", "exceeds"),
     ],
 )
@@ -168,6 +176,22 @@ def test_bad_requests_get_a_named_4xx(
     assert says in response.json()["error"]
     # and the service keeps serving
     assert httpx.post(f"{server.url}/predict", json={"inputs": "fine"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "nul\x00inside",
+        "😀😀 great",
+        "مراجعة رائعة",  # right-to-left script
+        "<br /><br />",  # only markup: no tokens after normalisation, still answered
+        "x" * 5000,  # one long token
+    ],
+)
+def test_unusual_but_valid_text_is_scored(server: RunningServer, text: str):
+    response = httpx.post(f"{server.url}/predict", json={"inputs": text, "truncate": True})
+    assert response.status_code == 200, response.text
+    assert sum(item["score"] for item in response.json()) == pytest.approx(1.0)
 
 
 def test_curl_style_form_content_type_is_read_as_json(server: RunningServer):

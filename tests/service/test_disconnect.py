@@ -18,7 +18,8 @@ def test_disconnected_client_is_dropped_and_counted(trained_bundle: Path):
         with socket.create_connection(("127.0.0.1", port)) as conn:
             conn.sendall(
                 b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
             )
             deadline = time.monotonic() + 10
             while metric(server, "sentiment_queue_depth") < 1:  # queued, waiting for company
