@@ -15,7 +15,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _register_routes(app, settings, metrics)
     # Added innermost first: metrics see every answer, CORS answers preflights before auth,
     # and no body is read for a request that auth refuses.
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, paths=frozenset({"/predict"}))
     if settings.api_keys:
         keys = [k.get_secret_value() for k in settings.api_keys]
         app.add_middleware(ApiKeyAuth, keys=keys, exempt=settings.auth_exempt_paths)
@@ -185,7 +185,12 @@ def _register_routes(app: FastAPI, settings: Settings, metrics: Metrics) -> None
             ),
         )
 
-    @app.get("/metrics", summary="Prometheus metrics (text exposition format)")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (text exposition format)",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -226,7 +231,9 @@ def _register_errors(app: FastAPI, metrics: Metrics) -> None:
         kind = kinds.get(
             exc.status_code, ErrorType.VALIDATION if exc.status_code < 500 else ErrorType.BACKEND
         )
-        return answer(ServiceError(kind, str(exc.detail)))
+        response = answer(ServiceError(kind, str(exc.detail)))
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

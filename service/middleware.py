@@ -57,14 +57,16 @@ class ApiKeyAuth:
 
 
 class BodyGuard:
-    """Reads a request body once, bounded by ``max_bytes``, checks it and hands it on."""
+    """Reads the body of a request to ``paths`` once, bounded by ``max_bytes``, checks it and
+    hands it on. Other requests go straight to the router (which answers 404 or 405)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: frozenset[str]) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

@@ -3,15 +3,24 @@ text-classification format, so existing clients (``InferenceClient``, TEI client
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, field_validator
+
+# A text must hold something besides white space. The schema states it as the pattern \S,
+# which clients read with ECMAScript's meaning of white space; the validator below uses that
+# same set (Python's str.isspace() differs: it counts \x1c-\x1f, and not \ufeff).
+_ECMASCRIPT_SPACE = re.compile(
+    "[\t\n\v\f\r \xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]*"
+)
+Text = Annotated[str, WithJsonSchema({"type": "string", "pattern": "\\S"})]
 
 
 class PredictParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    top_k: StrictInt | None = Field(
+    top_k: int | None = Field(
         None, ge=1, description="return the k best labels (default: all labels)"
     )
     function_to_apply: Literal["sigmoid", "softmax", "none"] | None = Field(
@@ -20,6 +29,14 @@ class PredictParameters(BaseModel):
         "probabilities; 'none': calibrated log-odds",
     )
 
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _integer(cls, value: Any) -> Any:
+        # JSON's 2 and 2.0 are both integers; "2" and true are not.
+        if isinstance(value, bool | str):
+            raise ValueError("top_k must be an integer")
+        return value
+
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(
@@ -27,7 +44,9 @@ class PredictRequest(BaseModel):
         json_schema_extra={"examples": [{"inputs": "A wonderful, moving film."}]},
     )
 
-    inputs: str | list[str] = Field(description="one text, or a list of texts")
+    inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(
+        description="one text, or a list of texts"
+    )
     parameters: PredictParameters = Field(default_factory=PredictParameters)
     truncate: StrictBool | None = Field(
         None,
@@ -45,7 +64,7 @@ class PredictRequest(BaseModel):
             raise ValueError("inputs is an empty list")
         for i, text in enumerate(texts):
             where = "inputs" if isinstance(value, str) else f"inputs[{i}]"
-            if not text.strip():
+            if _ECMASCRIPT_SPACE.fullmatch(text):
                 raise ValueError(f"{where} is empty or only white space")
             try:
                 text.encode("utf-8")

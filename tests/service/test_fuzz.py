@@ -1,0 +1,53 @@
+"""Schemathesis against the served OpenAPI schema: every route, fixed seed, bounded budget.
+
+Its checks include: no 5xx, status codes, content types and bodies as documented, schema-valid
+requests accepted, schema-invalid ones refused, 405 (with Allow) for undeclared methods.
+
+The server truncates over-long texts itself (auto_truncate): a token limit is not something a
+JSON schema can state, so without it a long schema-valid text gets its documented 413, which
+the bad-input catalogue in test_app.py covers.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.service.conftest import serve
+
+SEED = "20261123"
+
+
+def test_fuzzing_finds_nothing(trained_bundle: Path, tmp_path: Path):
+    st = shutil.which("st") or str(Path(sys.executable).parent / "st")
+    with serve(trained_bundle, auto_truncate=True) as server:
+        result = subprocess.run(
+            [
+                st,
+                "run",
+                f"{server.url}/openapi.json",
+                "--checks",
+                "all",
+                "--seed",
+                SEED,
+                "--max-examples",
+                "1000",
+                "--generation-database",
+                "none",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
+    summary = result.stdout[-3000:]
+    assert result.returncode == 0, summary
+    counts = re.search(r"(\d+) generated, (\d+) passed", summary)
+    assert counts, summary
+    assert int(counts[1]) >= 1000, summary
+    assert counts[1] == counts[2]
+    assert "Selected: 5/5" in result.stdout  # predict, health, ready, info, metrics
