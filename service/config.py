@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         2.0, ge=0, le=1000, description="how long the first text of a batch waits for company"
     )
     max_queue_texts: int = Field(
-        2048, ge=1, description="texts waiting at most; beyond it requests get 429"
+        512, ge=1, description="texts admitted and not yet answered; beyond it requests get 429"
     )
     max_inputs_per_request: int = Field(256, ge=1, description="texts in one request at most")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="request body size limit")

@@ -37,6 +37,7 @@ class Predictor:
         # Tokenising in its own thread keeps the event loop free and does not queue behind
         # inference, which has the batcher's thread.
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._admitted = 0  # texts between admission and answer: tokenising, queued or running
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=True)
@@ -55,6 +56,29 @@ class Predictor:
                 ErrorType.TOO_MANY_INPUTS,
                 f"{len(texts)} inputs in one request; the limit is {limit}",
             )
+        # Admission control at the door: a backlog must not build up before the batcher's queue
+        # (in the tokeniser's queue, say), where no bound would see it.
+        capacity = self.settings.max_queue_texts
+        if self._admitted + len(texts) > capacity:
+            raise ServiceError(
+                ErrorType.OVERLOADED,
+                f"server busy: {self._admitted} texts in progress, limit {capacity}",
+                retry_after=1,
+            )
+        self._admitted += len(texts)
+        try:
+            return await self._predict(texts, truncate, function, top_k, disconnected)
+        finally:
+            self._admitted -= len(texts)
+
+    async def _predict(
+        self,
+        texts: list[str],
+        truncate: bool | None,
+        function: ScoreFunction | None,
+        top_k: int | None,
+        disconnected: Callable[[], Awaitable[Any]] | None,
+    ) -> Prediction:
         started = time.monotonic()
         deadline = started + self.settings.request_timeout_s
         loop = asyncio.get_running_loop()
