@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from service.app import create_app
 from service.config import Settings
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """The first SIGTERM or SIGINT starts a drain: the socket stays open, new requests and
+    /ready get 503, and every request already admitted is answered; then uvicorn stops. A
+    second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        predictor = getattr(self.app.state, "predictor", None)
+        if self._drain_task is not None or predictor is None:
+            super().handle_exit(sig, frame)
+            return
+        log.info("signal %s: draining", signal.Signals(sig).name)
+        loop = asyncio.get_event_loop()
+        self._drain_task = loop.create_task(self._drain(sig, frame))
+
+    async def _drain(self, sig: int, frame: FrameType | None) -> None:
+        await self.app.state.predictor.drain()
+        log.info("drained: every admitted request answered")
+        super().handle_exit(sig, frame)
 
 
 def main() -> int:
@@ -24,14 +55,16 @@ def main() -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
     )
+    app = create_app(settings)
     # One worker per process by design: the batcher can only merge requests it sees.
-    uvicorn.run(
-        create_app(settings),
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
+    DrainingServer(config, app).run()
     return 0
 
 

@@ -148,8 +148,8 @@ def _register_routes(app: FastAPI, settings: Settings, metrics: Metrics) -> None
         summary="Readiness: the model is loaded and warmed, and the service is not draining",
     )
     async def ready(request: Request) -> HealthResponse:
-        if not request.app.state.ready:
-            raise ServiceError(ErrorType.UNAVAILABLE, "the model is not ready")
+        if not request.app.state.ready or request.app.state.predictor.draining:
+            raise ServiceError(ErrorType.UNAVAILABLE, "the model is not ready or is draining")
         return HealthResponse(status="ready")
 
     @app.get(

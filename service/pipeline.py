@@ -38,6 +38,9 @@ class Predictor:
         # inference, which has the batcher's thread.
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._admitted = 0  # texts between admission and answer: tokenising, queued or running
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=True)
@@ -56,6 +59,8 @@ class Predictor:
                 ErrorType.TOO_MANY_INPUTS,
                 f"{len(texts)} inputs in one request; the limit is {limit}",
             )
+        if self.draining:
+            raise ServiceError(ErrorType.UNAVAILABLE, "the service is shutting down", retry_after=1)
         # Admission control at the door: a backlog must not build up before the batcher's queue
         # (in the tokeniser's queue, say), where no bound would see it.
         capacity = self.settings.max_queue_texts
@@ -66,10 +71,18 @@ class Predictor:
                 retry_after=1,
             )
         self._admitted += len(texts)
+        self._idle.clear()
         try:
             return await self._predict(texts, truncate, function, top_k, disconnected)
         finally:
             self._admitted -= len(texts)
+            if self._admitted == 0:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        """Refuse new requests (503) and return once every admitted one has been answered."""
+        self.draining = True
+        await self._idle.wait()
 
     async def _predict(
         self,

@@ -64,13 +64,21 @@ def test_sigterm_answers_every_accepted_request(trained_bundle: Path):
                 while await asyncio.to_thread(metric_at, url, "sentiment_queue_depth") < QUEUED:
                     await asyncio.sleep(0.02)
                 process.send_signal(signal.SIGTERM)
+                # Still listening while draining: new work and readiness get 503.
+                late = await client.post("/predict", json={"inputs": "too late"})
+                ready = await client.get("/ready")
                 answers = await asyncio.gather(*pending)
-            return [a.status_code for a in answers]
+            return [late.status_code, ready.status_code, late.json()["error_type"]], [
+                a.status_code for a in answers
+            ]
 
-        assert asyncio.run(scenario()) == [200] * QUEUED
+        refused, answered = asyncio.run(scenario())
+        assert refused == [503, 503, "unavailable"]
+        assert answered == [200] * QUEUED
         output, _ = process.communicate(timeout=30)
         # uvicorn shuts down cleanly, then re-raises the signal it caught.
         assert process.returncode in (0, -signal.SIGTERM), output
+        assert "draining" in output
         assert "batcher drained and stopped" in output
     finally:
         if process.poll() is None:
