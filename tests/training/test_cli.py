@@ -262,3 +262,33 @@ def test_console_script_is_installed():
             [str(script), "--help"], capture_output=True, text=True, check=True
         ).stdout
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_with_mixed_precision(
+    imdb_tarball: Path, glove_file: Path, tmp_path: Path
+):
+    assert (
+        main(
+            [
+                "train",
+                *prepare_args(imdb_tarball, glove_file, tmp_path / "cache"),
+                *TINY_MODEL,
+                *TINY_TRAIN,
+                "--device",
+                "cuda",
+                "--amp",
+                "--name",
+                "gpu",
+                "--models-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    card = json.loads((tmp_path / "gpu" / "card.json").read_text())
+    assert card["training"]["device"].startswith("cuda")
+    assert card["metrics"]["test"]["accuracy"] >= 0.85
+    # The export is a CPU TorchScript file whatever the training device.
+    torch.jit.load(str(tmp_path / "gpu" / "model.pt"), map_location="cpu")
