@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
+from service.runtime import ModelRuntime
 from training.batches import pad_batch
 from training.config import default_data_source
 from training.data import load_imdb
@@ -56,9 +56,9 @@ def throughput(
 def run(
     bundle: Path, data: str, batch_sizes: list[int], count: int, min_seconds: float
 ) -> dict[str, Any]:
-    model = torch.jit.load(str(bundle / "model.pt"), map_location="cpu").eval()
-    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
-    seqs = encode(tokenizer, load_reviews(data, count, seed=0))
+    runtime = ModelRuntime.load(bundle, "cpu")
+    model = runtime.model
+    seqs = encode(runtime.tokenizer, load_reviews(data, count, seed=0))
     lengths = np.array([len(s) for s in seqs])
     rows = []
     for batch_size in batch_sizes:

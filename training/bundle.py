@@ -7,6 +7,9 @@
 - ``tokenizer.json``: the Hugging Face tokenizer, truncation to ``max_length`` included.
 - ``card.json``: what the model is, how it was made and how well it does; its
   ``calibration.temperature`` divides the logit before the sigmoid.
+
+Reading a bundle is the service's job (``service.runtime.ModelRuntime.load``); `evaluate` uses
+that same loader, so a card is re-checked through the code that serves it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 from tokenizers import Tokenizer
 
 from training.batches import pad_batch
-from training.errors import DataError, ExportError
+from training.errors import ExportError
 from training.model import SentimentRNN, count_parameters
 
 MODEL_FILE = "model.pt"
@@ -94,27 +96,3 @@ def _verify_round_trip(
             f"(tolerance {EXPORT_TOLERANCE}); {path} is not a faithful copy"
         )
     return max_diff
-
-
-@dataclass
-class Bundle:
-    folder: Path
-    model: torch.jit.ScriptModule
-    tokenizer: Tokenizer
-    card: dict[str, Any]
-
-    @property
-    def temperature(self) -> float:
-        return float(self.card.get("calibration", {}).get("temperature", 1.0))
-
-
-def load_bundle(folder: Path, device: torch.device) -> Bundle:
-    missing = [f for f in (MODEL_FILE, TOKENIZER_FILE, CARD_FILE) if not (folder / f).is_file()]
-    if missing:
-        raise DataError(f"{folder} is not a model bundle (missing {', '.join(missing)})")
-    return Bundle(
-        folder=folder,
-        model=torch.jit.load(str(folder / MODEL_FILE), map_location=device).eval(),
-        tokenizer=Tokenizer.from_file(str(folder / TOKENIZER_FILE)),
-        card=json.loads((folder / CARD_FILE).read_text()),
-    )

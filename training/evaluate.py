@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
+from service.errors import BundleError
+from service.runtime import ModelRuntime
 from training.batches import predict_logits
-from training.bundle import load_bundle
 from training.data import load_imdb
+from training.errors import DataError
 from training.metrics import classification_metrics
 from training.tokenizer import encode
 
@@ -22,14 +24,15 @@ def evaluate_bundle(
     data_sha256: str | None = None,
     batch_size: int = 256,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Test-set metrics of the bundle, and its card. Scores go through the bundle's own
-    tokenizer and TorchScript file; nothing from the training run or its cache is read."""
-    bundle = load_bundle(folder, device)
+    """Test-set metrics of the bundle, and its card. The bundle is loaded by the service's own
+    loader and scored through its tokenizer and TorchScript file; nothing from the training run
+    or its cache is read."""
+    try:
+        runtime = ModelRuntime.load(folder, str(device))
+    except BundleError as exc:
+        raise DataError(str(exc)) from exc
     test = load_imdb(data, cache_dir, data_sha256)["test"]
-    # The bundle's tokenizer already truncates to max_length, as it will in the service.
-    ids = encode(bundle.tokenizer, test.texts)
-    with torch.no_grad():
-        logits = predict_logits(
-            bundle.model, ids, bundle.card["max_length"], batch_size, device, "evaluate"
-        )
-    return classification_metrics(test.labels, logits, bundle.temperature), bundle.card
+    # The bundle's tokenizer already truncates to max_length, as it does in the service.
+    ids = encode(runtime.tokenizer, test.texts)
+    logits = predict_logits(runtime.model, ids, runtime.max_length, batch_size, device, "evaluate")
+    return classification_metrics(test.labels, logits, runtime.temperature), runtime.card
