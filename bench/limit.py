@@ -23,7 +23,6 @@ from service.runtime import ModelRuntime
 from training.batches import pad_batch
 from training.config import default_data_source
 from training.data import load_imdb
-from training.tokenizer import encode
 
 
 def load_reviews(data: str, count: int, seed: int) -> list[str]:
@@ -33,13 +32,13 @@ def load_reviews(data: str, count: int, seed: int) -> list[str]:
 
 
 def throughput(
-    model: torch.jit.ScriptModule, seqs: list[np.ndarray], batch_size: int, min_seconds: float
+    runtime: ModelRuntime, seqs: list[np.ndarray], batch_size: int, min_seconds: float
 ) -> float:
     """Reviews per second over whole passes through ``seqs``, at least ``min_seconds`` long."""
-    # The bundle's tokenizer has truncated already; no max_len cut beyond that.
-    longest = max(len(s) for s in seqs)
+    model = runtime.model
     batches = [
-        pad_batch(seqs[i : i + batch_size], longest) for i in range(0, len(seqs), batch_size)
+        pad_batch(seqs[i : i + batch_size], runtime.truncation)
+        for i in range(0, len(seqs), batch_size)
     ]
     with torch.no_grad():
         model(*batches[0])  # warm-up
@@ -57,14 +56,13 @@ def run(
     bundle: Path, data: str, batch_sizes: list[int], count: int, min_seconds: float
 ) -> dict[str, Any]:
     runtime = ModelRuntime.load(bundle, "cpu")
-    model = runtime.model
-    seqs = encode(runtime.tokenizer, load_reviews(data, count, seed=0))
+    seqs = [e.ids for e in runtime.preprocess(load_reviews(data, count, seed=0))]
     lengths = np.array([len(s) for s in seqs])
     rows = []
     for batch_size in batch_sizes:
         for order in ("random", "grouped"):
             ordered = seqs if order == "random" else sorted(seqs, key=len)
-            rate = throughput(model, ordered, batch_size, min_seconds)
+            rate = throughput(runtime, ordered, batch_size, min_seconds)
             rows.append({"batch_size": batch_size, "order": order, "reviews_per_s": round(rate, 1)})
             print(f"batch {batch_size:>4}  {order:<8} {rate:9.1f} reviews/s", flush=True)
     return {

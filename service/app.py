@@ -33,6 +33,7 @@ from service.schemas import (
     InfoResponse,
     PredictRequest,
     PredictResponse,
+    Truncation,
 )
 
 log = logging.getLogger("service")
@@ -165,6 +166,7 @@ def _register_routes(app: FastAPI, settings: Settings, metrics: Metrics) -> None
             model_version=described["version"],
             device=described["device"],
             max_length=described["max_length"],
+            truncation=Truncation(**described["truncation"]),
             labels=described["labels"],
             temperature=described["temperature"],
             parameters=described["parameters"],

@@ -99,7 +99,8 @@ class Predictor:
         tokenization_s = time.monotonic() - started
         self.metrics.tokenization_duration.observe(tokenization_s)
 
-        max_length = self.runtime.max_length
+        cut = self.runtime.truncation
+        max_length = cut.max_length
         too_long = [
             (i, e.original_tokens) for i, e in enumerate(encoded) if e.original_tokens > max_length
         ]
@@ -109,7 +110,7 @@ class Predictor:
             raise ServiceError(
                 ErrorType.INPUT_TOO_LONG,
                 f"{where} has {n} tokens; the model reads at most {max_length}. "
-                f'Send "truncate": true to score its first {max_length} tokens',
+                f'Send "truncate": true to score its first {cut.head} and last {cut.tail} tokens',
             )
 
         futures = self.batcher.submit([e.ids for e in encoded], deadline)

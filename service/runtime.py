@@ -2,7 +2,8 @@
 TorchServe's base handler. No HTTP here: the batcher and the tests call it directly.
 
 The bundle format is defined by ``training/bundle.py``: ``model.pt`` (TorchScript, ids and
-lengths in, POSITIVE logits out), ``tokenizer.json`` (truncation included) and ``card.json``.
+lengths in, POSITIVE logits out), ``tokenizer.json`` and ``card.json`` (labels, calibration and
+the truncation rule).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from tokenizers import Tokenizer
 
 from service.errors import BundleError
+from service.truncation import Truncation
 
-SUPPORTED_FORMATS = (1,)
+SUPPORTED_FORMATS = (2,)
 ScoreFunction = Literal["sigmoid", "softmax", "none"]
 
 
@@ -27,7 +29,7 @@ ScoreFunction = Literal["sigmoid", "softmax", "none"]
 class Encoded:
     """One text as the model will read it."""
 
-    ids: np.ndarray  # int64 token ids, already truncated to the bundle's max_length
+    ids: np.ndarray  # int64 token ids, already cut by the bundle's truncation rule
     original_tokens: int  # tokens before truncation
 
 
@@ -56,7 +58,8 @@ class ModelRuntime:
         self.device = device
         self.name: str = card["name"]
         self.version: str = str(card.get("version", "0"))
-        self.max_length: int = int(card["max_length"])
+        self.truncation = Truncation.from_card(card)
+        self.max_length = self.truncation.max_length
         self.negative, self.positive = card["labels"]
         self.temperature = float(card.get("calibration", {}).get("temperature", 1.0))
 
@@ -78,8 +81,8 @@ class ModelRuntime:
                     f"{folder}/card.json has format_version {card.get('format_version')!r}; "
                     f"this service reads {SUPPORTED_FORMATS}"
                 )
-            labels, max_length = card["labels"], int(card["max_length"])
-            name = card["name"]
+            labels, name = card["labels"], card["name"]
+            Truncation.from_card(card)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise BundleError(f"{folder}/card.json is unreadable or incomplete: {exc!r}") from exc
         if len(labels) != 2 or not name:
@@ -88,9 +91,10 @@ class ModelRuntime:
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as exc:  # the Rust side raises plain Exception
             raise BundleError(f"{folder}/tokenizer.json cannot be loaded: {exc}") from exc
-        if tokenizer.truncation is None or tokenizer.truncation["max_length"] != max_length:
+        if tokenizer.truncation is not None:
             raise BundleError(
-                f"{folder}/tokenizer.json does not truncate to max_length {max_length}"
+                f"{folder}/tokenizer.json truncates by itself; the card's truncation rule must "
+                "be the only one"
             )
         torch_device = resolve_device(device)
         try:
@@ -109,11 +113,11 @@ class ModelRuntime:
 
     # -- preprocess -------------------------------------------------------------------------
     def preprocess(self, texts: list[str]) -> list[Encoded]:
-        """Tokenise; the bundle's tokenizer keeps the first ``max_length`` tokens."""
+        """Tokenise, then cut longer texts by the card's truncation rule."""
         encoded = []
         for enc in self.tokenizer.encode_batch(texts):
-            dropped = sum(len(o.ids) for o in enc.overflowing)
-            encoded.append(Encoded(np.asarray(enc.ids, dtype=np.int64), len(enc.ids) + dropped))
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            encoded.append(Encoded(self.truncation.apply(ids), len(ids)))
         return encoded
 
     # -- infer ------------------------------------------------------------------------------
@@ -158,6 +162,7 @@ class ModelRuntime:
             "version": self.version,
             "device": str(self.device),
             "max_length": self.max_length,
+            "truncation": self.truncation.describe(),
             "labels": [self.negative, self.positive],
             "temperature": self.temperature,
             "parameters": self.card.get("parameters"),

@@ -50,8 +50,9 @@ class PredictRequest(BaseModel):
     parameters: PredictParameters = Field(default_factory=PredictParameters)
     truncate: StrictBool | None = Field(
         None,
-        description="keep the first max_length tokens of a longer text instead of refusing "
-        "it (default: the server's auto_truncate setting)",
+        description="score a longer text cut to max_length tokens (its first and last tokens, "
+        "as /info's truncation says) instead of refusing it (default: the server's "
+        "auto_truncate setting)",
     )
 
     @field_validator("inputs", mode="before")
@@ -97,6 +98,14 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "ready"]
 
 
+class Truncation(BaseModel):
+    """A longer text keeps its first ``head`` and its last ``tail`` tokens."""
+
+    max_length: int
+    head: int
+    tail: int
+
+
 class BatchSettings(BaseModel):
     max_batch_size: int
     max_batch_tokens: int
@@ -114,6 +123,7 @@ class InfoResponse(BaseModel):
     model_version: str
     device: str
     max_length: int
+    truncation: Truncation
     labels: list[str]
     temperature: float
     parameters: int | None

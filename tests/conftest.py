@@ -79,10 +79,24 @@ def glove_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_glove(tmp_path_factory.mktemp("vectors") / "glove.tiny.8d.txt")
 
 
-TINY_MODEL = ["--cell", "gru", "--layers", "2", "--hidden", "8", "--max-len", "32"]
+# Head+tail truncation (12 + 20 of 32 tokens) so that the rule travels through every test.
+TINY_MODEL = [
+    "--cell",
+    "gru",
+    "--layers",
+    "2",
+    "--hidden",
+    "8",
+    "--max-len",
+    "32",
+    "--head-len",
+    "12",
+]
 TINY_TRAIN = [
     "--epochs",
     "8",
+    "--average-top",
+    "2",
     "--patience",
     "8",
     "--batch-size",

@@ -8,15 +8,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from service.truncation import Truncation
 from training.tokenizer import PAD_ID
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def pad_batch(seqs: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad with <pad> after keeping each sequence's first ``max_len`` ids (the same
-    truncation rule the exported tokenizer applies)."""
-    kept = [s[:max_len] for s in seqs]
+def pad_batch(
+    seqs: Sequence[np.ndarray], truncation: Truncation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad with <pad> after cutting each sequence by the bundle's truncation rule (the
+    service applies the same rule to what the exported tokenizer returns)."""
+    kept = [truncation.apply(s) for s in seqs]
     lengths = np.array([len(s) for s in kept], dtype=np.int64)
     ids = np.full((len(kept), max(1, int(lengths.max(initial=0)))), PAD_ID, dtype=np.int64)
     for row, seq in enumerate(kept):
@@ -45,18 +48,18 @@ def length_bucketed_batches(
 def predict_logits(
     model: Model,
     seqs: Sequence[np.ndarray],
-    max_len: int,
+    truncation: Truncation,
     batch_size: int,
     device: torch.device,
     desc: str = "predict",
 ) -> np.ndarray:
     """Logits in the order of ``seqs``; batches are formed in length order to save padding."""
-    lengths = np.array([min(len(s), max_len) for s in seqs])
+    lengths = np.array([min(len(s), truncation.max_length) for s in seqs])
     order = np.argsort(lengths, kind="stable")
     logits = np.empty(len(seqs), dtype=np.float32)
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, unit=" batches", leave=False):
         index = order[start : start + batch_size]
-        ids, lens = pad_batch([seqs[i] for i in index], max_len)
+        ids, lens = pad_batch([seqs[i] for i in index], truncation)
         logits[index] = model(ids.to(device), lens).float().cpu().numpy()
     return logits

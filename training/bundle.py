@@ -4,9 +4,11 @@
 
 - ``model.pt``: TorchScript; ``forward(ids int64 [batch, time], lengths int64 [batch])`` returns
   the POSITIVE logit ``float32 [batch]``; id 0 is padding.
-- ``tokenizer.json``: the Hugging Face tokenizer, truncation to ``max_length`` included.
+- ``tokenizer.json``: the Hugging Face tokenizer (normaliser, pre-tokenizer, vocabulary); it
+  does not truncate, because its truncation cannot keep a text's tail.
 - ``card.json``: what the model is, how it was made and how well it does; its
-  ``calibration.temperature`` divides the logit before the sigmoid.
+  ``calibration.temperature`` divides the logit before the sigmoid and its ``truncation``
+  (``service.truncation.Truncation``) says which tokens of a longer text the model reads.
 
 Reading a bundle is the service's job (``service.runtime.ModelRuntime.load``); `evaluate` uses
 that same loader, so a card is re-checked through the code that serves it.
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from service.truncation import Truncation
 from training.batches import pad_batch
 from training.errors import ExportError
 from training.model import SentimentRNN, count_parameters
@@ -32,16 +35,15 @@ from training.model import SentimentRNN, count_parameters
 MODEL_FILE = "model.pt"
 TOKENIZER_FILE = "tokenizer.json"
 CARD_FILE = "card.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: truncation moved from tokenizer.json to the card (head + tail)
 LABELS = ("NEGATIVE", "POSITIVE")
-TRUNCATION_RULE = "keep the first max_length tokens"
 EXPORT_TOLERANCE = 1e-5
 
 
 def export_bundle(
     model: SentimentRNN,
     tokenizer: Tokenizer,
-    max_len: int,
+    truncation: Truncation,
     folder: Path,
     check_batch: list[np.ndarray],
     card: dict[str, Any],
@@ -53,18 +55,18 @@ def export_bundle(
     partial.mkdir(parents=True)
 
     torch.jit.script(model).save(str(partial / MODEL_FILE))
-    max_diff = _verify_round_trip(model, partial / MODEL_FILE, check_batch, max_len)
+    max_diff = _verify_round_trip(model, partial / MODEL_FILE, check_batch, truncation)
 
     served = Tokenizer.from_str(tokenizer.to_str())
-    served.enable_truncation(max_length=max_len)
+    served.no_truncation()
     served.save(str(partial / TOKENIZER_FILE))
 
     card = {
         "format_version": FORMAT_VERSION,
         **card,
         "labels": list(LABELS),
-        "max_length": max_len,
-        "truncation": TRUNCATION_RULE,
+        "max_length": truncation.max_length,
+        "truncation": truncation.describe(),
         "parameters": count_parameters(model),
         "files": {"model": MODEL_FILE, "tokenizer": TOKENIZER_FILE},
         "export": {
@@ -82,10 +84,10 @@ def export_bundle(
 
 
 def _verify_round_trip(
-    model: SentimentRNN, path: Path, seqs: list[np.ndarray], max_len: int
+    model: SentimentRNN, path: Path, seqs: list[np.ndarray], truncation: Truncation
 ) -> float:
     """Reload the saved file and compare its logits with the eager model's on real reviews."""
-    ids, lengths = pad_batch(seqs, max_len)
+    ids, lengths = pad_batch(seqs, truncation)
     with torch.no_grad():
         eager = model(ids, lengths)
         loaded = torch.jit.load(str(path), map_location="cpu")(ids, lengths)

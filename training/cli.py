@@ -158,8 +158,9 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     val, test = prepared.splits["val"], prepared.splits["test"]
     model, device = result.model, torch.device("cpu")
-    val_logits = predict_logits(model, val.ids, cfg.max_len, EVAL_BATCH, device, "validate")
-    test_logits = predict_logits(model, test.ids, cfg.max_len, EVAL_BATCH, device, "test")
+    truncation = cfg.truncation
+    val_logits = predict_logits(model, val.ids, truncation, EVAL_BATCH, device, "validate")
+    test_logits = predict_logits(model, test.ids, truncation, EVAL_BATCH, device, "test")
     temperature = fit_temperature(val.labels, val_logits)
     metrics = {
         "validation": classification_metrics(val.labels, val_logits, temperature),
@@ -196,7 +197,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         "command": "python -m training " + shlex.join(argv),
     }
     bundle = export_bundle(
-        model, prepared.tokenizer, cfg.max_len, cfg.models_dir / cfg.name, val.ids[:64], card
+        model, prepared.tokenizer, truncation, cfg.models_dir / cfg.name, val.ids[:64], card
     )
 
     size_mb = (bundle / MODEL_FILE).stat().st_size / 1e6

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from service.truncation import Truncation
 from training.errors import ConfigError
 
 DEFAULT_LOCAL_TARBALL = Path("../shared/data/aclImdb_v1.tar.gz")
@@ -122,10 +123,22 @@ class TrainConfig:
     optimizer: Literal["adam", "adamw"] = _opt("adamw", "optimiser", choices=("adam", "adamw"))
     weight_decay: float = _opt(1e-2, "weight decay (decoupled for adamw)")
     clip_norm: float = _opt(1.0, "gradient-norm clip")
-    patience: int = _opt(2, "stop after this many epochs without a better validation loss")
-    max_len: int = _opt(
-        400,
-        "truncation: a review keeps its first max-len tokens, in training and serving alike",
+    select_on: Literal["loss", "accuracy"] = _opt(
+        "loss",
+        "validation metric that picks the best epoch and drives early stopping",
+        choices=("loss", "accuracy"),
+    )
+    patience: int = _opt(2, "stop after this many epochs without a better validation metric")
+    average_top: int = _opt(
+        1,
+        "also try the average of the weights of the k best epochs (by --select-on) and keep it "
+        "when it beats the best epoch on validation (1: no averaging)",
+    )
+    max_len: int = _opt(400, "tokens the model reads; longer reviews are cut (see --head-len)")
+    head_len: int | None = _opt(
+        None,
+        "a longer review keeps its first head-len and its last max-len minus head-len tokens, "
+        "in training and serving alike (default: max-len, i.e. the first max-len tokens)",
     )
     freeze_embeddings_epochs: int = _opt(
         1,
@@ -144,12 +157,18 @@ class TrainConfig:
         self.models_dir = Path(self.models_dir)
         if self.epochs < 1 or self.batch_size < 1 or self.max_len < 1:
             raise ConfigError("epochs, batch_size and max_len must be positive")
-        if self.patience < 1:
-            raise ConfigError("patience must be at least 1")
+        if self.patience < 1 or self.average_top < 1:
+            raise ConfigError("patience and average_top must be at least 1")
+        if self.head_len is not None and not 0 <= self.head_len <= self.max_len:
+            raise ConfigError(f"head_len must be in [0, max_len], got {self.head_len}")
         if self.freeze_embeddings_epochs < -1:
             raise ConfigError("freeze_embeddings_epochs must be -1 or more")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"invalid bundle name {self.name!r}")
+
+    @property
+    def truncation(self) -> Truncation:
+        return Truncation(self.max_len, self.max_len if self.head_len is None else self.head_len)
 
 
 def to_jsonable(config: Any) -> dict[str, Any]:

@@ -32,7 +32,6 @@ def evaluate_bundle(
     except BundleError as exc:
         raise DataError(str(exc)) from exc
     test = load_imdb(data, cache_dir, data_sha256)["test"]
-    # The bundle's tokenizer already truncates to max_length, as it does in the service.
     ids = encode(runtime.tokenizer, test.texts)
-    logits = predict_logits(runtime.model, ids, runtime.max_length, batch_size, device, "evaluate")
+    logits = predict_logits(runtime.model, ids, runtime.truncation, batch_size, device, "evaluate")
     return classification_metrics(test.labels, logits, runtime.temperature), runtime.card

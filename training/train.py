@@ -1,8 +1,7 @@
-"""The optimisation loop: AdamW on BCE-with-logits, early-stopped on validation loss."""
+"""The optimisation loop: AdamW on BCE-with-logits, early-stopped on a validation metric."""
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -45,8 +44,8 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class TrainResult:
-    model: SentimentRNN  # weights of the best epoch, on the CPU, in eval mode
-    best_epoch: int
+    model: SentimentRNN  # the chosen weights, on the CPU, in eval mode
+    best_epoch: int | str  # the chosen epoch, or which epochs were averaged
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     device: str = "cpu"
@@ -69,6 +68,7 @@ def train(
         keep = np.sort(rng.choice(len(train_split), cfg.train_limit, replace=False))
         train_split = TokenizedSplit([train_split.ids[i] for i in keep], train_split.labels[keep])
     val = prepared.splits["val"]
+    truncation = cfg.truncation
     train_lengths = np.minimum(train_split.lengths(), cfg.max_len)
 
     model = SentimentRNN(model_cfg, prepared.embeddings).to(device)
@@ -79,12 +79,24 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     log(
         f"training {model_cfg.cell} x{model_cfg.layers} on {device} "
-        f"({len(train_split)} reviews, max length {cfg.max_len})"
+        f"({len(train_split)} reviews, max length {cfg.max_len}, head {truncation.head})"
     )
+
+    def validate() -> tuple[float, float]:
+        model.eval()
+        logits = predict_logits(model, val.ids, truncation, EVAL_BATCH, device, "validate")
+        loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(val.labels).float()))
+        return loss, float(((sigmoid(logits) >= 0.5) == val.labels).mean())
+
+    def score(loss: float, accuracy: float) -> float:  # higher is better
+        return accuracy if cfg.select_on == "accuracy" else -loss
 
     started = time.perf_counter()
     history: list[dict[str, Any]] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, copy.deepcopy(model.state_dict())
+    # Every epoch's weights stay on the CPU (20 MB each for the default model) so that the k
+    # best can be averaged at the end.
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    best_score, best_epoch = float("-inf"), 0
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         # Fine-tuning 50d vectors from the first step lets the random head's gradients wreck
@@ -97,7 +109,7 @@ def train(
         total_loss, seen = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit=" batches", leave=False)
         for index in bar:
-            ids, lengths = pad_batch([train_split.ids[i] for i in index], cfg.max_len)
+            ids, lengths = pad_batch([train_split.ids[i] for i in index], truncation)
             targets = torch.from_numpy(train_split.labels[index]).float().to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 loss = loss_fn(model(ids.to(device), lengths), targets)
@@ -111,12 +123,7 @@ def train(
             seen += len(index)
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
 
-        model.eval()
-        val_logits = predict_logits(model, val.ids, cfg.max_len, EVAL_BATCH, device, "validate")
-        val_loss = float(
-            loss_fn(torch.from_numpy(val_logits), torch.from_numpy(val.labels).float())
-        )
-        val_acc = float(((sigmoid(val_logits) >= 0.5) == val.labels).mean())
+        val_loss, val_acc = validate()
         row = {
             "epoch": epoch,
             "train_loss": round(total_loss / seen, 5),
@@ -126,29 +133,59 @@ def train(
             "seconds": round(time.perf_counter() - epoch_start, 1),
         }
         history.append(row)
-        improved = val_loss < best_loss
+        improved = score(val_loss, val_acc) > best_score
         log(
             f"epoch {epoch:>2}  train loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
             f"val acc {val_acc:.4f}  {row['seconds']:.1f} s{'  *best' if improved else ''}"
         )
+        states[epoch] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if improved:
-            best_loss, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_score, best_epoch = score(val_loss, val_acc), epoch
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, best_state, model_cfg, cfg, row)
+                _save_checkpoint(checkpoint, states[epoch], model_cfg, cfg, row)
         elif epoch - best_epoch >= cfg.patience:
-            log(f"early stop: no better validation loss for {cfg.patience} epochs")
+            log(f"early stop: no better validation {cfg.select_on} for {cfg.patience} epochs")
             break
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(states[best_epoch])
+    chosen: int | str = best_epoch
+    ranked = sorted(history, key=lambda r: score(r["val_loss"], r["val_accuracy"]), reverse=True)
+    top = sorted(r["epoch"] for r in ranked[: cfg.average_top])
+    if len(top) > 1:
+        model.load_state_dict(average_states([states[e] for e in top]))
+        avg_loss, avg_acc = validate()
+        better = score(avg_loss, avg_acc) > best_score
+        log(
+            f"average of epochs {top}: val loss {avg_loss:.4f}  val acc {avg_acc:.4f}  "
+            f"{'kept: better than' if better else 'dropped: not better than'} epoch {best_epoch}"
+        )
+        history.append(
+            {"average_of": top, "val_loss": round(avg_loss, 5), "val_accuracy": round(avg_acc, 5)}
+        )
+        if better:
+            chosen = "average of epochs " + ", ".join(map(str, top))
+        else:
+            model.load_state_dict(states[best_epoch])
     model.cpu().eval()
     return TrainResult(
         model=model,
-        best_epoch=best_epoch,
+        best_epoch=chosen,
         history=history,
         seconds=round(time.perf_counter() - started, 1),
         device=str(device),
     )
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of floating-point weights (integer buffers come from the first)."""
+    return {
+        name: (
+            torch.stack([s[name] for s in states]).mean(dim=0)
+            if tensor.is_floating_point()
+            else tensor
+        )
+        for name, tensor in states[0].items()
+    }
 
 
 def _save_checkpoint(

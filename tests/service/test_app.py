@@ -109,7 +109,7 @@ def test_top_k_and_function_to_apply(server: RunningServer):
     assert [len(m) for m in many] == [2, 2]
 
 
-def test_truncate_scores_the_first_max_length_tokens(server: RunningServer):
+def test_truncate_scores_a_cut_of_max_length_tokens(server: RunningServer):
     long = "great film " * 100
     response = httpx.post(f"{server.url}/predict", json={"inputs": long, "truncate": True})
     assert response.status_code == 200

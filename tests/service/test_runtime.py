@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from service.errors import BundleError
 from service.runtime import ModelRuntime
@@ -22,14 +23,16 @@ def runtime(trained_bundle: Path) -> ModelRuntime:
     return ModelRuntime.load(trained_bundle, "cpu")
 
 
-def test_preprocess_truncates_with_the_bundle_tokenizer_and_reports_the_original_length(
+def test_preprocess_cuts_long_texts_by_the_card_and_reports_the_original_length(
     runtime: ModelRuntime,
 ):
     short, _, long = runtime.preprocess(TEXTS)
     assert short.ids.dtype == np.int64
     assert short.original_tokens == len(short.ids) == 6
-    assert len(long.ids) == runtime.max_length == 32
-    assert long.original_tokens > runtime.max_length
+    full = runtime.tokenizer.encode(TEXTS[2]).ids
+    assert long.original_tokens == len(full) > runtime.max_length == 32
+    # The tiny bundle keeps the first 12 and the last 20 tokens.
+    assert long.ids.tolist() == full[:12] + full[-20:]
 
 
 def test_batched_inference_equals_one_text_at_a_time(runtime: ModelRuntime):
@@ -95,11 +98,17 @@ def test_tokenizer_larger_than_the_embedding_table(trained_bundle: Path, tmp_pat
     broken = _copy(trained_bundle, tmp_path)
     words = [f"word{i}" for i in range(5000)]
     bigger = train_tokenizer([" ".join(words)], vocab_size=10_000, min_count=1)
-    bigger.enable_truncation(
-        max_length=json.loads((broken / "card.json").read_text())["max_length"]
-    )
     bigger.save(str(broken / "tokenizer.json"))
     with pytest.raises(BundleError, match="do not match"):
+        ModelRuntime.load(broken, "cpu")
+
+
+def test_a_tokenizer_that_truncates_by_itself_is_refused(trained_bundle: Path, tmp_path: Path):
+    broken = _copy(trained_bundle, tmp_path)
+    tokenizer = Tokenizer.from_file(str(broken / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=32)  # would silently drop the tail the card keeps
+    tokenizer.save(str(broken / "tokenizer.json"))
+    with pytest.raises(BundleError, match="truncates by itself"):
         ModelRuntime.load(broken, "cpu")
 
 

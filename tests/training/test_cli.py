@@ -68,7 +68,10 @@ def test_bundle_has_the_three_files_and_a_complete_card(trained_bundle: Path):
     assert card["vectors"]["words_with_vectors"] > 0
     assert set(card["metrics"]) == {"validation", "test"}
     assert card["command"].startswith("python -m training train ")
-    assert len(card["training"]["history"]) == card["hyperparameters"]["epochs"] == 8
+    epochs = [row for row in card["training"]["history"] if "epoch" in row]
+    assert len(epochs) == card["hyperparameters"]["epochs"] == 8
+    # --average-top 2: the average of the two best epochs was scored on validation too.
+    assert len(card["training"]["history"][-1]["average_of"]) == 2
     assert card["export"]["torchscript_max_abs_diff"] <= 1e-5
 
 
@@ -76,14 +79,19 @@ def test_exported_files_reload_and_score_raw_text(trained_bundle: Path):
     model = torch.jit.load(str(trained_bundle / "model.pt"))
     tokenizer = Tokenizer.from_file(str(trained_bundle / "tokenizer.json"))
     card = json.loads((trained_bundle / "card.json").read_text())
-    assert tokenizer.truncation is not None
-    assert tokenizer.truncation["max_length"] == card["max_length"]
+    # The card holds the only truncation rule: the tokenizer returns every token.
+    assert tokenizer.truncation is None
+    assert card["truncation"] == {"max_length": 32, "head": 12, "tail": 20}
     texts = ["A great, moving film " * 20, "A dull waste.", ""]
-    encodings = tokenizer.encode_batch(texts)
-    assert len(encodings[0].ids) == card["max_length"]
-    width = max(len(e.ids) for e in encodings)
-    ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in encodings])
-    lengths = torch.tensor([len(e.ids) for e in encodings])
+    head, tail = card["truncation"]["head"], card["truncation"]["tail"]
+    kept = [
+        e.ids if len(e.ids) <= 32 else e.ids[:head] + e.ids[-tail:]
+        for e in tokenizer.encode_batch(texts)
+    ]
+    assert len(kept[0]) == card["max_length"]
+    width = max(len(k) for k in kept)
+    ids = torch.tensor([k + [0] * (width - len(k)) for k in kept])
+    lengths = torch.tensor([len(k) for k in kept])
     with torch.no_grad():
         logits = model(ids, lengths)
     assert logits.shape == (3,)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from service.truncation import Truncation
 from training.bundle import _verify_round_trip
 from training.config import ModelConfig
 from training.errors import ExportError
@@ -46,7 +47,7 @@ def test_export_check_fails_loudly_when_the_file_differs(tmp_path: Path):
     model = SentimentRNN(ModelConfig(hidden=4, dropout=0.5), np.ones((20, 3), np.float32))
     reviews = [np.arange(2, 12, dtype=np.int32), np.arange(3, 8, dtype=np.int32)]
     torch.jit.script(model.eval()).save(str(tmp_path / "model.pt"))
-    assert _verify_round_trip(model, tmp_path / "model.pt", reviews, 16) == 0.0
+    assert _verify_round_trip(model, tmp_path / "model.pt", reviews, Truncation(16, 8)) == 0.0
     # A model left in training mode (dropout on) no longer matches what was saved.
     with pytest.raises(ExportError, match="differs from the trained model"):
-        _verify_round_trip(model.train(), tmp_path / "model.pt", reviews, 16)
+        _verify_round_trip(model.train(), tmp_path / "model.pt", reviews, Truncation(16, 8))

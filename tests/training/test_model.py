@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from service.truncation import Truncation
 from training.batches import length_bucketed_batches, pad_batch
 from training.config import ModelConfig, TrainConfig
 from training.errors import ConfigError
 from training.model import SentimentRNN
+from training.train import average_states
 
 EMBEDDINGS = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
 
@@ -31,11 +33,11 @@ def test_scripted_batched_and_single_answers_agree(
     torch.jit.script(model).save(str(tmp_path / "model.pt"))
     scripted = torch.jit.load(str(tmp_path / "model.pt"))
     reviews = _reviews()
-    ids, lengths = pad_batch(reviews, max_len=8)
+    ids, lengths = pad_batch(reviews, Truncation(8, 3))
     wider = torch.cat([ids, torch.zeros(len(reviews), 6, dtype=torch.long)], dim=1)
     with torch.no_grad():
         batched = model(ids, lengths)
-        one_by_one = torch.cat([model(*pad_batch([r], max_len=8)) for r in reviews])
+        one_by_one = torch.cat([model(*pad_batch([r], Truncation(8, 3))) for r in reviews])
         torch.testing.assert_close(scripted(ids, lengths), batched, rtol=0, atol=0)
         torch.testing.assert_close(one_by_one, batched, rtol=0, atol=1e-6)
         torch.testing.assert_close(model(wider, lengths), batched, rtol=0, atol=1e-6)
@@ -55,6 +57,8 @@ def test_embeddings_start_from_the_given_matrix():
         (lambda: ModelConfig(layers=0), "must be positive"),
         (lambda: TrainConfig(name="../escape"), "invalid bundle name"),
         (lambda: TrainConfig(freeze_embeddings_epochs=-2), "-1 or more"),
+        (lambda: TrainConfig(max_len=10, head_len=11), "head_len must be in"),
+        (lambda: TrainConfig(average_top=0), "at least 1"),
     ],
 )
 def test_bad_hyper_parameters_are_refused(factory, message: str):
@@ -62,9 +66,11 @@ def test_bad_hyper_parameters_are_refused(factory, message: str):
         factory()
 
 
-def test_pad_batch_truncates_heads_and_pads_right():
-    ids, lengths = pad_batch([np.array([5, 6, 7, 8]), np.array([9]), np.array([], np.int32)], 3)
+def test_pad_batch_applies_the_truncation_rule_and_pads_right():
+    seqs = [np.array([5, 6, 7, 8]), np.array([9]), np.array([], np.int32)]
+    ids, lengths = pad_batch(seqs, Truncation(3, 3))
     assert ids.tolist() == [[5, 6, 7], [9, 0, 0], [0, 0, 0]]
+    assert pad_batch(seqs, Truncation(3, 1))[0].tolist() == [[5, 7, 8], [9, 0, 0], [0, 0, 0]]
     assert lengths.tolist() == [3, 1, 0]
 
 
@@ -77,3 +83,11 @@ def test_length_bucketed_batches_cover_everything_once_and_group_lengths():
     assert spread < 20  # random batches of 10 would spread over ~400
     again = length_bucketed_batches(lengths, 10, np.random.default_rng(1), bucket_batches=100)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_average_states_means_float_weights_and_keeps_integer_buffers():
+    a = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "steps": torch.tensor(5)}
+    averaged = average_states([a, b])
+    assert averaged["w"].tolist() == [2.0, 4.0]
+    assert averaged["steps"].item() == 3
