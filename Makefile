@@ -22,7 +22,7 @@ $(BIN)/.installed-serve: pyproject.toml $(BIN)/.torch
 	touch $@
 
 $(BIN)/.installed: pyproject.toml $(BIN)/.torch
-	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev,bench]"
 	touch $@
 
 install-serve: $(BIN)/.installed-serve

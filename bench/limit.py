@@ -1,41 +1,55 @@
-"""The model's own limit: in-process TorchScript throughput on real IMDb test reviews, no HTTP.
+"""The model's own limit: in-process TorchScript throughput on real IMDb test reviews, no HTTP,
+and the CPU levers measured the same way (threads, length grouping, int8 dynamic quantisation).
 
     python -m bench.limit models/imdb-bigru --batch-sizes 1,16,64,256
 
-Reviews keep their real length spread (tokenised and truncated by the bundle's own tokenizer).
-Two orders are timed per batch size: ``random`` (batches as they come) and ``grouped``
-(reviews sorted by length first, as the service's batcher does).
+Reviews keep their real length spread (tokenised and cut by the bundle's own rules). Two orders
+are timed per batch size: ``random`` (batches as requests arrive) and ``grouped`` (reviews
+sorted by length first: the most a batcher's length grouping could gain).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from service.runtime import ModelRuntime
-from training.batches import pad_batch
-from training.config import default_data_source
+from training.batches import pad_batch, predict_logits
+from training.config import ModelConfig, default_data_source
 from training.data import load_imdb
+from training.model import SentimentRNN
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def load_reviews(data: str, count: int, seed: int) -> list[str]:
-    test = load_imdb(data, Path(".cache"))["test"]
+def load_reviews(
+    data: str, count: int, seed: int, cache_dir: Path = Path(".cache")
+) -> tuple[list[str], np.ndarray]:
+    test = load_imdb(data, cache_dir)["test"]
     pick = np.random.default_rng(seed).choice(len(test), size=count, replace=False)
-    return [test.texts[i] for i in pick]
+    return [test.texts[i] for i in pick], test.labels[pick]
 
 
 def throughput(
-    runtime: ModelRuntime, seqs: list[np.ndarray], batch_size: int, min_seconds: float
+    runtime: ModelRuntime,
+    seqs: list[np.ndarray],
+    batch_size: int,
+    min_seconds: float,
+    model: Model | None = None,
 ) -> float:
     """Reviews per second over whole passes through ``seqs``, at least ``min_seconds`` long."""
-    model = runtime.model
+    model = model or runtime.model
     batches = [
         pad_batch(seqs[i : i + batch_size], runtime.truncation)
         for i in range(0, len(seqs), batch_size)
@@ -52,28 +66,85 @@ def throughput(
                 return done / elapsed
 
 
-def run(
-    bundle: Path, data: str, batch_sizes: list[int], count: int, min_seconds: float
-) -> dict[str, Any]:
-    runtime = ModelRuntime.load(bundle, "cpu")
-    seqs = [e.ids for e in runtime.preprocess(load_reviews(data, count, seed=0))]
-    lengths = np.array([len(s) for s in seqs])
+def sweep(
+    runtime: ModelRuntime, seqs: list[np.ndarray], batch_sizes: list[int], min_seconds: float
+) -> list[dict[str, Any]]:
     rows = []
     for batch_size in batch_sizes:
         for order in ("random", "grouped"):
             ordered = seqs if order == "random" else sorted(seqs, key=len)
             rate = throughput(runtime, ordered, batch_size, min_seconds)
             rows.append({"batch_size": batch_size, "order": order, "reviews_per_s": round(rate, 1)})
-            print(f"batch {batch_size:>4}  {order:<8} {rate:9.1f} reviews/s", flush=True)
-    return {
-        "bundle": str(bundle),
-        "reviews": count,
-        "tokens_mean": round(float(lengths.mean()), 1),
-        "tokens_p50_p90_max": [int(np.percentile(lengths, p)) for p in (50, 90, 100)],
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()}, torch {torch.__version__}",
-        "results": rows,
-    }
+            print(f"  limit  batch {batch_size:>4}  {order:<8} {rate:9.1f} reviews/s", flush=True)
+    return rows
+
+
+def thread_lever(
+    runtime: ModelRuntime, seqs: list[np.ndarray], batch_sizes: list[int], min_seconds: float
+) -> list[dict[str, Any]]:
+    """torch intra-op threads: 1 against all cores."""
+    default = torch.get_num_threads()
+    rows = []
+    try:
+        for threads in sorted({1, default}):
+            torch.set_num_threads(threads)
+            for batch_size in batch_sizes:
+                rate = throughput(runtime, seqs, batch_size, min_seconds)
+                rows.append(
+                    {"threads": threads, "batch_size": batch_size, "reviews_per_s": round(rate, 1)}
+                )
+                print(f"  threads {threads}  batch {batch_size:>4}  {rate:9.1f} reviews/s")
+    finally:
+        torch.set_num_threads(default)
+    return rows
+
+
+def eager_model(runtime: ModelRuntime) -> SentimentRNN:
+    """The bundle's network as an eager module (quantisation works on eager modules only)."""
+    arch = runtime.card["architecture"]
+    cfg = ModelConfig(**{f.name: arch[f.name] for f in dataclasses.fields(ModelConfig)})
+    shape = (int(arch["vocab_size"]), int(arch["embed_dim"]))
+    model = SentimentRNN(cfg, np.zeros(shape, dtype=np.float32))
+    model.load_state_dict(runtime.model.state_dict())
+    return model.eval()
+
+
+def int8_lever(
+    runtime: ModelRuntime,
+    seqs: list[np.ndarray],
+    labels: np.ndarray,
+    batch_sizes: list[int],
+    min_seconds: float,
+) -> dict[str, Any]:
+    """Dynamic int8 quantisation of the recurrent and linear layers, scripted like the export:
+    speed next to the float32 TorchScript file and accuracy on the same reviews."""
+    with warnings.catch_warnings():  # torch.ao quantisation is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(
+            eager_model(runtime), {nn.GRU, nn.LSTM, nn.Linear}, dtype=torch.qint8
+        )
+    scripted: Model = torch.jit.script(quantized)
+    cpu = torch.device("cpu")
+    accuracy = {}
+    for name, model in (("float32", runtime.model), ("int8", scripted)):
+        logits = predict_logits(model, seqs, runtime.truncation, 256, cpu, name)
+        accuracy[name] = float(((logits >= 0) == labels).mean())
+    rows = []
+    for batch_size in batch_sizes:
+        for name, model in (("float32", runtime.model), ("int8", scripted)):
+            rate = throughput(runtime, seqs, batch_size, min_seconds, model)
+            rows.append({"model": name, "batch_size": batch_size, "reviews_per_s": round(rate, 1)})
+            print(f"  {name:<7} batch {batch_size:>4}  {rate:9.1f} reviews/s")
+    print(
+        f"  accuracy on {len(seqs)} test reviews: float32 {accuracy['float32']:.4f}, "
+        f"int8 {accuracy['int8']:.4f}"
+    )
+    return {"reviews": len(seqs), "accuracy": accuracy, "throughput": rows}
+
+
+def machine() -> str:
+    threads = torch.get_num_threads()
+    return f"{platform.machine()}, {threads} torch threads, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -90,13 +161,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(
-        args.bundle,
-        args.data,
-        [int(b) for b in args.batch_sizes.split(",")],
-        args.reviews,
-        args.min_seconds,
-    )
+    runtime = ModelRuntime.load(args.bundle, "cpu")
+    texts, _ = load_reviews(args.data, args.reviews, seed=0)
+    seqs = [e.ids for e in runtime.preprocess(texts)]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rows = sweep(runtime, seqs, batch_sizes, args.min_seconds)
+    lengths = np.array([len(s) for s in seqs])
+    result = {
+        "bundle": str(args.bundle),
+        "reviews": args.reviews,
+        "tokens_mean": round(float(lengths.mean()), 1),
+        "tokens_p50_p90_max": [int(np.percentile(lengths, p)) for p in (50, 90, 100)],
+        "machine": machine(),
+        "results": rows,
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

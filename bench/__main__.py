@@ -1,0 +1,60 @@
+"""``python -m bench``: the whole benchmark in one sitting (see ``bench.suite``).
+
+    python -m bench --quick                 # < 10 minutes; writes .cache/bench/quick/
+    python -m bench --out docs/benchmarks   # the full run recorded in docs/benchmarks.md
+
+Needs ``wrk`` (apt-get install wrk) and, for TorchServe, Java 17. The peers' virtual
+environments are created on first use under the work folder; pip must find a CPU build of
+torch (here PIP_FIND_LINKS does; elsewhere pass
+--torch-pip-args="--index-url https://download.pytorch.org/whl/cpu").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from bench.loadgen import wrk_available
+from bench.suite import FULL, QUICK, Options, run
+from training.config import default_data_source
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="short points, fewer reviews")
+    parser.add_argument("--bundle", type=Path, default=Path("models/imdb-bigru"))
+    parser.add_argument("--data", default=default_data_source())
+    parser.add_argument("--out", type=Path, default=None, help="where results and plots go")
+    parser.add_argument("--workdir", type=Path, default=Path(".cache/bench"))
+    parser.add_argument(
+        "--peers", default="litserve,torchserve", help="comma-separated; empty for none"
+    )
+    parser.add_argument("--torch-pip-args", default="", help="extra pip arguments for torch")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the measurements
+    if not wrk_available():
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    plan = QUICK if args.quick else FULL
+    out = args.out or args.workdir / ("quick" if args.quick else "full")
+    options = Options(
+        bundle=args.bundle,
+        data=args.data,
+        out=out,
+        workdir=args.workdir,
+        plan=plan,
+        peers=tuple(p for p in args.peers.split(",") if p),
+        torch_pip_args=shlex.split(args.torch_pip_args),
+        command="python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+    )
+    run(options)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

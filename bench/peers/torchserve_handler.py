@@ -1,0 +1,38 @@
+"""TorchServe handler serving our bundle; TorchServe batches requests before ``handle``.
+
+Packed by ``bench.servers`` with model.pt, tokenizer.json and card.json as the archive's
+files, so the archive's folder is a bundle that ``ModelRuntime.load`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.environ["BENCH_REPO_ROOT"])
+from service.runtime import ModelRuntime
+
+_runtime: ModelRuntime | None = None
+
+
+def _text(row: dict[str, Any]) -> str:
+    """TorchServe hands over the body parsed (JSON content type) or as bytes."""
+    body: Any = row.get("body") if row.get("body") is not None else row.get("data")
+    if isinstance(body, (bytes, bytearray)):
+        body = json.loads(body)
+    return str(body["inputs"])
+
+
+def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
+    global _runtime
+    if _runtime is None:
+        _runtime = ModelRuntime.load(Path(context.system_properties["model_dir"]), "cpu")
+        _runtime.warmup()
+    if data is None:
+        return None
+    encoded = _runtime.preprocess([_text(row) for row in data])
+    logits = _runtime.infer([e.ids for e in encoded])
+    return [[{"label": k, "score": v} for k, v in _runtime.postprocess(float(z))] for z in logits]

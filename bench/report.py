@@ -1,0 +1,250 @@
+"""The ratio table and the plots, from one sitting's ``results.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PEERS = ("litserve", "torchserve")
+
+
+def _best(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The load point with the highest throughput (the server's saturation)."""
+    return max(points, key=lambda p: p["texts_per_s"])
+
+
+def _at(points: list[dict[str, Any]], clients: int) -> dict[str, Any]:
+    return next(p for p in points if p["connections"] == clients)
+
+
+def ratios(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Rows of (measure, value, target, verdict)."""
+    rows: list[tuple[str, str, str, str]] = []
+    runs = results["servers"]
+    ours = runs["ours"]["single"]
+    sat = _best(ours)
+    limit_random = max(
+        (r for r in results["limit"] if r["order"] == "random"), key=lambda r: r["reviews_per_s"]
+    )
+    limit_grouped = max(
+        (r for r in results["limit"] if r["order"] == "grouped"), key=lambda r: r["reviews_per_s"]
+    )
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    share = sat["texts_per_s"] / limit_random["reviews_per_s"]  # the limit is never 0
+    rows.append(
+        (
+            f"ours at saturation ({sat['connections']} clients) / in-process limit "
+            f"(batch {limit_random['batch_size']}, arrival order)",
+            f"{sat['texts_per_s']:.0f} / {limit_random['reviews_per_s']:.0f} = {share:.2f}",
+            ">= 0.85",
+            verdict(share >= 0.85),
+        )
+    )
+    share_g = sat["texts_per_s"] / limit_grouped["reviews_per_s"]
+    rows.append(
+        (
+            f"ours at saturation / in-process limit sorted by length "
+            f"(batch {limit_grouped['batch_size']})",
+            f"{sat['texts_per_s']:.0f} / {limit_grouped['reviews_per_s']:.0f} = {share_g:.2f}",
+            "(reference)",
+            "",
+        )
+    )
+    if "ours-unbatched" in runs:
+        unb = _best(runs["ours-unbatched"]["single"])
+        gain = sat["texts_per_s"] / max(unb["texts_per_s"], 1e-9)
+        rows.append(
+            (
+                "ours / ours with max batch 1 (each at its saturation)",
+                f"{sat['texts_per_s']:.0f} / {unb['texts_per_s']:.0f} = {gain:.2f}x",
+                ">= 2x",
+                verdict(gain >= 2),
+            )
+        )
+    short = runs["ours"].get("short_c1")
+    if short:
+        rows.append(
+            (
+                "p50 latency, one short review, 1 client",
+                f"{short['p50_ms']:.1f} ms",
+                "<= 15 ms",
+                verdict(short["p50_ms"] <= 15),
+            )
+        )
+    batch32 = runs["ours"].get("batch32")
+    if batch32:
+        rows.append(
+            (
+                f"ours, {batch32['connections']} clients x 32 texts per request",
+                f"{batch32['texts_per_s']:.0f} texts/s, p99 {batch32['p99_ms']:.0f} ms",
+                "(reference)",
+                "",
+            )
+        )
+    best_peer = None
+    for peer in PEERS:
+        if peer not in runs:
+            continue
+        theirs = _best(runs[peer]["single"])
+        if theirs["texts_per_s"] == 0:
+            rows.append((f"ours / {peer}", f"{peer} answered nothing", "", "n/a"))
+            continue
+        same = _at(ours, theirs["connections"])
+        gain = same["texts_per_s"] / theirs["texts_per_s"]
+        rows.append(
+            (
+                f"ours / {peer} at {peer}'s saturation ({theirs['connections']} clients); "
+                f"p99 ours vs theirs",
+                f"{same['texts_per_s']:.0f} / {theirs['texts_per_s']:.0f} = {gain:.2f}x; "
+                f"{same['p99_ms']:.0f} vs {theirs['p99_ms']:.0f} ms",
+                ">= 1x at <= p99 (stretch 1.3x)",
+                verdict(gain >= 1 and same["p99_ms"] <= theirs["p99_ms"])
+                + (" (stretch met)" if gain >= 1.3 else ""),
+            )
+        )
+        if best_peer is None or theirs["texts_per_s"] > best_peer[1]["texts_per_s"]:
+            best_peer = (peer, theirs)
+    if best_peer and sat["texts_per_s"] > 0:
+        peer, theirs = best_peer
+        gain = sat["texts_per_s"] / theirs["texts_per_s"]
+        rows.append(
+            (
+                f"ours at saturation / best peer ({peer}) at saturation",
+                f"{sat['texts_per_s']:.0f} / {theirs['texts_per_s']:.0f} = {gain:.2f}x",
+                ">= 1x (stretch 1.3x)",
+                verdict(gain >= 1) + (" (stretch met)" if gain >= 1.3 else ""),
+            )
+        )
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def sweep_table(results: dict[str, Any]) -> str:
+    rows = []
+    for name, measured in results["servers"].items():
+        for p in measured["single"]:
+            bad = {k: v for k, v in p["statuses"].items() if k != "2xx"}
+            rows.append(
+                (
+                    name,
+                    p["connections"],
+                    f"{p['texts_per_s']:.1f}",
+                    f"{p['p50_ms']:.1f}",
+                    f"{p['p95_ms']:.1f}",
+                    f"{p['p99_ms']:.1f}",
+                    p["requests"],
+                    ", ".join(f"{k}: {v}" for k, v in bad.items()) or "-",
+                )
+            )
+    header = ["server", "clients", "texts/s", "p50 ms", "p95 ms", "p99 ms", "requests", "not 200"]
+    return markdown_table(header, rows)
+
+
+def levers_table(results: dict[str, Any]) -> str:
+    rows: list[tuple[Any, ...]] = [
+        ("limit", f"batch {r['batch_size']}, {r['order']} order", r["reviews_per_s"])
+        for r in results["limit"]
+    ]
+    rows += [
+        ("threads", f"{r['threads']} thread(s), batch {r['batch_size']}", r["reviews_per_s"])
+        for r in results["threads"]
+    ]
+    rows += [
+        ("int8", f"{r['model']}, batch {r['batch_size']}", r["reviews_per_s"])
+        for r in results["int8"]["throughput"]
+    ]
+    acc = results["int8"]["accuracy"]
+    table = markdown_table(["measure", "setting", "reviews/s"], rows)
+    return (
+        f"{table}\n\nint8 accuracy change on {results['int8']['reviews']} test reviews: "
+        f"float32 {acc['float32']:.4f}, int8 {acc['int8']:.4f} "
+        f"({100 * (acc['int8'] - acc['float32']):+.2f} points)."
+    )
+
+
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, measured in results["servers"].items():
+        points = measured["single"]
+        ax.plot(
+            [p["connections"] for p in points],
+            [p["texts_per_s"] for p in points],
+            marker="o",
+            label=name,
+        )
+    best = max(r["reviews_per_s"] for r in results["limit"] if r["order"] == "random")
+    ax.axhline(best, linestyle="--", color="grey", label="in-process limit")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients (single-review requests)")
+    ax.set_ylabel("reviews per second")
+    ax.set_title(f"Throughput vs concurrency ({results['machine']['cores']} CPU cores)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    names.append("throughput.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sweep = [p["connections"] for p in results["servers"]["ours"]["single"]]
+    clients = 64 if 64 in sweep else max(sweep)
+    for name, measured in results["servers"].items():
+        point = next((p for p in measured["single"] if p["connections"] == clients), None)
+        if point is None:
+            continue
+        cdf = sorted((float(k), v) for k, v in point["latency_percentiles_ms"].items())
+        ax.plot([v for _, v in cdf], [k for k, _ in cdf], marker=".", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("percentile")
+    ax.set_title(f"Latency CDF at {clients} clients")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency_cdf.png", dpi=120)
+    names.append("latency_cdf.png")
+    plt.close(fig)
+    return names
+
+
+def write(results: dict[str, Any], out: Path) -> str:
+    """Write ``report.md`` and the plots into ``out``; return the ratio table."""
+    table = markdown_table(["measure", "value", "target", "verdict"], ratios(results))
+    images = plots(results, out)
+    m, w = results["machine"], results["workload"]
+    text = "\n\n".join(
+        [
+            f"# Benchmark results ({m['date']})",
+            f"Command: `{results['command']}`  \n"
+            f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']} "
+            f"({m['torch_threads']} threads), commit {m['commit']}; peers: "
+            + (", ".join(results["peers"].values()) or "none")
+            + f"; {results['minutes']} minutes.  \n"
+            f"Workload: {w['reviews']} IMDb test reviews, tokens mean {w['tokens_mean']}, "
+            f"p50/p90/max {w['tokens_p50_p90_max']}; model {w['model']} "
+            f"({w['parameters']} parameters).",
+            "## Ratios",
+            table,
+            "## Concurrency sweep (closed loop, wrk, single-review requests)",
+            sweep_table(results),
+            "## In-process limit and CPU levers",
+            levers_table(results),
+            "\n".join(f"![{name}]({name})" for name in images),
+        ]
+    )
+    (out / "report.md").write_text(text + "\n")
+    return table

@@ -1,0 +1,250 @@
+"""Start the servers under test as child processes on 127.0.0.1 and stop them again: ours
+(batched or not) and the peers, LitServe and TorchServe, each from its own virtual environment.
+
+A server counts as ready when it answers a real prediction request with 200.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PEERS = Path(__file__).with_name("peers")
+PEER_PACKAGES = {
+    "litserve": ["litserve", "numpy", "tokenizers"],
+    "torchserve": ["torchserve", "torch-model-archiver", "numpy", "tokenizers"],
+}
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class Server:
+    name: str
+    url: str  # the prediction endpoint
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (TorchServe's work happens in them)."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids] + [g for k in kids for g in _children(int(k))]
+
+
+def _wait_ready(server: Server, body: bytes, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ServerError(f"{server.name} exited early; see {server.log}")
+        try:
+            response = httpx.post(
+                server.url, content=body, headers={"content-type": "application/json"}, timeout=5
+            )
+            if response.status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise ServerError(f"{server.name} not ready after {timeout_s:.0f} s; see {server.log}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    with contextlib.suppress(ProcessLookupError):  # children (TorchServe's workers)
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextmanager
+def _serve(
+    name: str, command: list[str], url: str, env: dict[str, str], workdir: Path, probe: bytes
+) -> Iterator[Server]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"{name}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            cwd=workdir,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # one process group, stopped as a whole
+        )
+    server = Server(name, url, process, log)
+    try:
+        _wait_ready(server, probe, timeout_s=240)
+        yield server
+    finally:
+        _stop(process)
+
+
+@contextmanager
+def ours(
+    bundle: Path, workdir: Path, probe: bytes, max_batch_size: int = 64, threads: int | None = None
+) -> Iterator[Server]:
+    port = free_port()
+    env = {
+        "SENTIMENT_MODEL_DIR": str(bundle.parent.resolve()),
+        "SENTIMENT_MODEL_NAME": bundle.name,
+        "SENTIMENT_PORT": str(port),
+        "SENTIMENT_LOG_LEVEL": "warning",
+        "SENTIMENT_AUTO_TRUNCATE": "true",  # real reviews run past max_length
+        "SENTIMENT_MAX_BATCH_SIZE": str(max_batch_size),
+    }
+    if threads:
+        env["SENTIMENT_TORCH_THREADS"] = str(threads)
+    name = "ours" if max_batch_size > 1 else "ours-unbatched"
+    command = [sys.executable, "-m", "service"]
+    with _serve(name, command, f"http://127.0.0.1:{port}/predict", env, workdir, probe) as s:
+        yield s
+
+
+def peer_python(venv_root: Path, peer: str, torch_pip_args: list[str]) -> Path:
+    """The peer's own virtual environment, created on first use with the same torch version
+    as ours (``torch_pip_args`` say where pip finds a CPU build)."""
+    venv = venv_root / peer
+    marker = venv / ".bench-installed"
+    python = venv / "bin" / "python"
+    if marker.exists():
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    print(f"creating {venv} (pip install {' '.join(PEER_PACKAGES[peer])})", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    torch_spec = "torch==" + torch.__version__.split("+")[0]
+    subprocess.run([*pip, torch_spec, *torch_pip_args], check=True)
+    subprocess.run([*pip, *PEER_PACKAGES[peer]], check=True)
+    marker.write_text(torch_spec + "\n")
+    return python
+
+
+def _peer_env(bundle: Path) -> dict[str, str]:
+    return {"BENCH_REPO_ROOT": str(REPO_ROOT), "BENCH_BUNDLE": str(bundle.resolve())}
+
+
+@contextmanager
+def litserve(
+    python: Path, bundle: Path, workdir: Path, probe: bytes, max_batch_size: int, wait_s: float
+) -> Iterator[Server]:
+    port = free_port()
+    script = str(PEERS / "litserve_server.py")
+    command = [str(python.absolute()), script, str(port), str(max_batch_size), str(wait_s)]
+    url = f"http://127.0.0.1:{port}/predict"
+    with _serve("litserve", command, url, _peer_env(bundle), workdir, probe) as server:
+        yield server
+
+
+@contextmanager
+def torchserve(
+    python: Path, bundle: Path, workdir: Path, probe: bytes, max_batch_size: int, wait_ms: int
+) -> Iterator[Server]:
+    # Absolute paths: TorchServe runs in workdir. (absolute(), not resolve(): the venv's python
+    # is a symlink that must stay inside the venv.)
+    bin_dir, workdir, bundle = python.absolute().parent, workdir.absolute(), bundle.absolute()
+    store = workdir / "model-store"
+    store.mkdir(parents=True, exist_ok=True)
+    (workdir / "model-config.yaml").write_text(
+        f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {max_batch_size}\n"
+        f"maxBatchDelay: {wait_ms}\nresponseTimeout: 120\n"
+    )
+    subprocess.run(
+        [
+            str(bin_dir / "torch-model-archiver"),
+            "--model-name=sentiment",
+            "--version=1.0",
+            f"--serialized-file={bundle / 'model.pt'}",
+            f"--handler={PEERS / 'torchserve_handler.py'}",
+            f"--extra-files={bundle / 'tokenizer.json'},{bundle / 'card.json'}",
+            f"--config-file={workdir / 'model-config.yaml'}",
+            f"--export-path={store}",
+            "--force",
+        ],
+        check=True,
+    )
+    port, management, metrics = free_port(), free_port(), free_port()
+    config = {
+        "inference_address": f"http://127.0.0.1:{port}",
+        "management_address": f"http://127.0.0.1:{management}",
+        "metrics_address": f"http://127.0.0.1:{metrics}",
+        "disable_token_authorization": "true",
+        "default_workers_per_model": "1",
+        "job_queue_size": "1000",
+        "install_py_dep_per_model": "false",
+        "load_models": "sentiment.mar",
+        "model_store": str(store),
+        "vmargs": "-Xmx1g -XX:+UseContainerSupport",
+    }
+    (workdir / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in config.items()))
+    command = [
+        str(bin_dir / "torchserve"),
+        "--start",
+        "--foreground",
+        "--ncs",
+        f"--ts-config={workdir / 'config.properties'}",
+        "--disable-token-auth",
+    ]
+    env = {**_peer_env(bundle), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    url = f"http://127.0.0.1:{port}/predictions/sentiment"
+    with _serve("torchserve", command, url, env, workdir, probe) as server:
+        yield server
+
+
+def describe_peer(python: Path, package: str) -> str:
+    version = subprocess.run(
+        [str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
+        capture_output=True,
+        text=True,
+    )
+    return f"{package} {version.stdout.strip() or '?'}"
+
+
+def json_body(inputs: str | list[str]) -> bytes:
+    return json.dumps({"inputs": inputs}).encode()

@@ -1,0 +1,177 @@
+"""One benchmark sitting: the model's in-process limit and CPU levers, then our server, our
+server without batching, LitServe and TorchServe under the same closed-loop sweep of wrk
+clients, then the ratio table (``bench.report``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import limit, report, servers
+from bench.loadgen import LoadResult, run_wrk
+from bench.workload import Workload, build
+from service.runtime import ModelRuntime
+
+
+@dataclass(frozen=True)
+class Plan:
+    reviews: int  # distinct test reviews the clients send
+    seconds: float  # per load point
+    warmup_seconds: float  # per server, before its first point
+    concurrency: tuple[int, ...]
+    limit_batch_sizes: tuple[int, ...]
+    limit_seconds: float
+    lever_reviews: int  # reviews scored by float32 and int8 for the accuracy change
+    batch32_clients: int = 8  # 8 x 32 texts in flight, well inside the default queue bound
+
+
+QUICK = Plan(512, 4, 2, (1, 4, 16, 64, 256), (1, 16, 64, 128), 2, 1000)
+FULL = Plan(2048, 15, 4, (1, 4, 16, 64, 256), (1, 16, 64, 128, 256), 5, 5000)
+
+
+@dataclass
+class Options:
+    bundle: Path
+    data: str
+    out: Path
+    workdir: Path
+    plan: Plan
+    cache_dir: Path = Path(".cache")  # where the IMDb data is read and cached
+    peers: tuple[str, ...] = ("litserve", "torchserve")
+    torch_pip_args: list[str] = field(default_factory=list)
+    max_batch_size: int = 64
+    max_wait_ms: float = 2.0
+    command: str = ""
+
+
+def _machine() -> dict[str, Any]:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "commit": commit or "?",
+    }
+
+
+def _sweep(name: str, server: servers.Server, work: Workload, plan: Plan) -> dict[str, Any]:
+    run_wrk(server.url, work.single, 16, plan.warmup_seconds)  # warm caches and allocators
+    points = []
+    for clients in plan.concurrency:
+        result = run_wrk(server.url, work.single, clients, plan.seconds)
+        points.append(result.summary())
+        _say(name, f"{clients:>3} clients", result)
+    return {"single": points}
+
+
+def _say(name: str, what: str, result: LoadResult) -> None:
+    bad = {k: v for k, v in result.statuses.items() if k != "2xx"}
+    print(
+        f"  {name:<15} {what:<22} {result.texts_per_s:8.1f} texts/s  "
+        f"p50 {result.p(50):7.1f} ms  p99 {result.p(99):7.1f} ms"
+        + (f"  NOT 200: {bad}" if bad else "")
+        + (f"  socket errors: {result.socket_errors}" if result.socket_errors else ""),
+        flush=True,
+    )
+
+
+ServerFactory = Callable[[], AbstractContextManager[servers.Server]]
+
+
+def _servers(options: Options, probe: bytes) -> tuple[list[tuple[str, ServerFactory]], dict]:
+    """What to start, in order, and the peers' package versions."""
+    wd, bundle, batch = options.workdir, options.bundle, options.max_batch_size
+    configs: list[tuple[str, ServerFactory]] = [
+        ("ours", partial(servers.ours, bundle, wd / "ours", probe, batch)),
+        ("ours-unbatched", partial(servers.ours, bundle, wd / "unbatched", probe, 1)),
+    ]
+    versions = {}
+    for peer in options.peers:
+        python = servers.peer_python(wd / "venvs", peer, options.torch_pip_args)
+        versions[peer] = servers.describe_peer(python, peer)
+        if peer == "litserve":
+            wait_s = options.max_wait_ms / 1000
+            factory = partial(servers.litserve, python, bundle, wd / peer, probe, batch, wait_s)
+        else:
+            wait_ms = round(options.max_wait_ms)
+            factory = partial(servers.torchserve, python, bundle, wd / peer, probe, batch, wait_ms)
+        configs.append((peer, factory))
+    return configs, versions
+
+
+def run(options: Options) -> dict[str, Any]:
+    plan = options.plan
+    started = time.monotonic()
+    results: dict[str, Any] = {"machine": _machine(), "plan": asdict(plan)}
+    results["command"] = options.command
+    print(f"machine: {results['machine']}", flush=True)
+
+    work = build(options.data, options.cache_dir, options.workdir / "bodies", plan.reviews)
+    runtime = ModelRuntime.load(options.bundle, "cpu")
+    seqs = [e.ids for e in runtime.preprocess(work.reviews)]
+    lengths = np.array([len(s) for s in seqs])
+    results["workload"] = {
+        "reviews": len(seqs),
+        "tokens_mean": round(float(lengths.mean()), 1),
+        "tokens_p50_p90_max": [int(np.percentile(lengths, p)) for p in (50, 90, 100)],
+        "model": runtime.name,
+        "parameters": runtime.card.get("parameters"),
+    }
+
+    print("limit: in-process TorchScript, no HTTP", flush=True)
+    results["limit"] = limit.sweep(runtime, seqs, list(plan.limit_batch_sizes), plan.limit_seconds)
+    print("lever: torch threads", flush=True)
+    results["threads"] = limit.thread_lever(runtime, seqs, [1, 64], plan.limit_seconds)
+    print("lever: int8 dynamic quantisation", flush=True)
+    texts, labels = limit.load_reviews(
+        options.data, plan.lever_reviews, seed=1, cache_dir=options.cache_dir
+    )
+    lever_seqs = [e.ids for e in runtime.preprocess(texts)]
+    results["int8"] = limit.int8_lever(runtime, lever_seqs, labels, [1, 64], plan.limit_seconds)
+
+    configs, results["peers"] = _servers(options, work.probe())
+    results["servers"] = {}
+    for name, make in configs:
+        print(f"server: {name}", flush=True)
+        with make() as server:
+            measured = _sweep(name, server, work, plan)
+            if name == "ours":
+                result = run_wrk(server.url, work.short, 1, plan.seconds)
+                measured["short_c1"] = result.summary()
+                _say(name, "1 client, short review", result)
+                result = run_wrk(server.url, work.batch32, plan.batch32_clients, plan.seconds, 32)
+                measured["batch32"] = result.summary()
+                _say(name, f"{plan.batch32_clients} clients x 32 texts", result)
+        results["servers"][name] = measured
+
+    results["minutes"] = round((time.monotonic() - started) / 60, 1)
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = report.write(results, options.out)
+    print()
+    print(table)
+    print(f"\nwritten to {options.out}/ in {results['minutes']} minutes")
+    return results

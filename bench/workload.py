@@ -1,0 +1,44 @@
+"""The benchmark's requests: real IMDb test reviews with their real length spread, written as
+request-body files for the load generator (one JSON body per line)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.data import load_imdb
+
+SHORT_WORDS = 40  # "one short review": at most this many words
+
+
+@dataclass(frozen=True)
+class Workload:
+    reviews: list[str]
+    single: Path  # one review per request
+    batch32: Path  # 32 reviews per request
+    short: Path  # one short review per request
+
+    def probe(self) -> bytes:
+        return json.dumps({"inputs": self.reviews[0]}).encode()
+
+
+def _write(path: Path, bodies: list[object]) -> Path:
+    path.write_text("".join(json.dumps({"inputs": b}) + "\n" for b in bodies), encoding="utf-8")
+    return path
+
+
+def build(data: str, cache_dir: Path, folder: Path, count: int, seed: int = 0) -> Workload:
+    """``count`` test reviews drawn at random (the mix of lengths the test set has)."""
+    texts = [t for t in load_imdb(data, cache_dir)["test"].texts if t.strip()]
+    reviews = random.Random(seed).sample(texts, count)
+    short = [t for t in texts if len(t.split()) <= SHORT_WORDS][:200]
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = [reviews[i : i + 32] for i in range(0, len(reviews) - 31, 32)]
+    return Workload(
+        reviews=reviews,
+        single=_write(folder / "single.jsonl", list(reviews)),
+        batch32=_write(folder / "batch32.jsonl", list(batches)),
+        short=_write(folder / "short.jsonl", list(short)),
+    )

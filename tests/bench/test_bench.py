@@ -1,0 +1,129 @@
+"""The benchmark's parts against real things: wrk driving a real `python -m service` process on
+the tiny exported bundle, and one miniature sitting of the whole suite."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench import report, servers
+from bench.loadgen import run_wrk, wrk_available
+from bench.suite import Options, Plan, run
+
+needs_wrk = pytest.mark.skipif(not wrk_available(), reason="wrk is not installed")
+PROBE = b'{"inputs": "A wonderful, moving film."}'
+
+
+def _bodies(path: Path, inputs: list[object]) -> Path:
+    path.write_text("".join(json.dumps({"inputs": i}) + "\n" for i in inputs))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ours(
+    trained_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[servers.Server]:
+    with servers.ours(trained_bundle, tmp_path_factory.mktemp("ours"), PROBE) as server:
+        yield server
+
+
+@needs_wrk
+def test_wrk_counts_answers_statuses_and_latencies(ours: servers.Server, tmp_path: Path):
+    good = _bodies(tmp_path / "good.jsonl", ["great film", "dull and clumsy", ["a", "b"]])
+    result = run_wrk(ours.url, good, connections=4, seconds=2)
+    assert result.requests > 0
+    assert result.statuses == {"2xx": result.requests}
+    assert not result.socket_errors
+    assert 0 < result.p(50) <= result.p(99) <= result.p(100)
+    # One body in two is refused (an empty text is a 422): the split is counted, not hidden.
+    mixed = _bodies(tmp_path / "mixed.jsonl", ["great film", ""])
+    counted = run_wrk(ours.url, mixed, connections=1, seconds=1).statuses
+    assert set(counted) == {"2xx", "4xx"}
+    assert abs(counted["2xx"] - counted["4xx"]) <= 1
+
+
+@needs_wrk
+def test_rate_option_spaces_requests_out(ours: servers.Server, tmp_path: Path):
+    bodies = _bodies(tmp_path / "one.jsonl", ["great film"])
+    paced = run_wrk(ours.url, bodies, connections=4, seconds=2, rate=10)
+    # About 20 requests in 2 s at 10/s; back to back the same clients send hundreds.
+    assert 3 <= paced.requests <= 60
+
+
+def test_rss_reads_the_process_and_its_children(ours: servers.Server):
+    assert 20 < servers.rss_mb(ours.pid) < 4000
+
+
+def _point(clients: int, rate: float, p99: float) -> dict[str, object]:
+    return {"connections": clients, "texts_per_s": rate, "p99_ms": p99, "p50_ms": p99 / 3}
+
+
+def test_ratio_table_verdicts():
+    results = {
+        "limit": [
+            {"batch_size": 64, "order": "random", "reviews_per_s": 100.0},
+            {"batch_size": 64, "order": "grouped", "reviews_per_s": 150.0},
+        ],
+        "servers": {
+            "ours": {
+                "single": [_point(1, 30, 40), _point(64, 90, 900)],
+                "short_c1": {"p50_ms": 12.0},
+            },
+            "ours-unbatched": {"single": [_point(1, 30, 40), _point(64, 40, 3000)]},
+            "litserve": {"single": [_point(1, 20, 60), _point(64, 60, 1500)]},
+            "torchserve": {"single": [_point(1, 25, 50), _point(64, 95, 800)]},
+        },
+    }
+    rows = report.ratios(results)
+
+    def row(prefix: str) -> tuple[str, str]:
+        (found,) = [(value, verdict) for m, value, _, verdict in rows if m.startswith(prefix)]
+        return found
+
+    assert row("ours at saturation (64 clients) / in-process limit") == ("90 / 100 = 0.90", "met")
+    assert row("ours / ours with max batch 1") == ("90 / 40 = 2.25x", "met")
+    assert row("p50 latency, one short review") == ("12.0 ms", "met")
+    assert row("ours / litserve")[1] == "met (stretch met)"
+    assert row("ours / torchserve") == ("90 / 95 = 0.95x; 900 vs 800 ms", "MISSED")
+    assert row("ours at saturation / best peer (torchserve)") == ("90 / 95 = 0.95x", "MISSED")
+
+
+@pytest.mark.slow
+@needs_wrk
+def test_a_miniature_sitting_writes_the_report(
+    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
+):
+    plan = Plan(
+        reviews=40,
+        seconds=1,
+        warmup_seconds=1,
+        concurrency=(1, 4),
+        limit_batch_sizes=(1, 8),
+        limit_seconds=0.2,
+        lever_reviews=40,
+        batch32_clients=1,
+    )
+    out = tmp_path / "out"
+    options = Options(
+        bundle=trained_bundle,
+        data=str(imdb_tarball),
+        out=out,
+        workdir=tmp_path / "work",
+        plan=plan,
+        cache_dir=tmp_path / "cache",
+        peers=(),
+        command="pytest",
+    )
+    results = run(options)
+    assert set(results["servers"]) == {"ours", "ours-unbatched"}
+    for name in ("results.json", "report.md", "throughput.png", "latency_cdf.png"):
+        assert (out / name).stat().st_size > 0
+    text = (out / "report.md").read_text()
+    assert "ours / ours with max batch 1" in text
+    assert "int8 accuracy change on 40 test reviews" in text
+    assert all(
+        p["statuses"] == {"2xx": p["requests"]} for p in results["servers"]["ours"]["single"]
+    )
