@@ -12,7 +12,6 @@ torch (here PIP_FIND_LINKS does; elsewhere pass
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -36,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--torch-pip-args", default="", help="extra pip arguments for torch")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the measurements
     if not wrk_available():
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2

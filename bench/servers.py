@@ -128,7 +128,12 @@ def _serve(
 
 @contextmanager
 def ours(
-    bundle: Path, workdir: Path, probe: bytes, max_batch_size: int = 64, threads: int | None = None
+    bundle: Path,
+    workdir: Path,
+    probe: bytes,
+    max_batch_size: int = 64,
+    threads: int | None = None,
+    name: str = "ours",
 ) -> Iterator[Server]:
     port = free_port()
     env = {
@@ -141,7 +146,6 @@ def ours(
     }
     if threads:
         env["SENTIMENT_TORCH_THREADS"] = str(threads)
-    name = "ours" if max_batch_size > 1 else "ours-unbatched"
     command = [sys.executable, "-m", "service"]
     with _serve(name, command, f"http://127.0.0.1:{port}/predict", env, workdir, probe) as s:
         yield s
@@ -166,25 +170,40 @@ def peer_python(venv_root: Path, peer: str, torch_pip_args: list[str]) -> Path:
     return python
 
 
-def _peer_env(bundle: Path) -> dict[str, str]:
-    return {"BENCH_REPO_ROOT": str(REPO_ROOT), "BENCH_BUNDLE": str(bundle.resolve())}
+def _peer_env(bundle: Path, threads: int | None) -> dict[str, str]:
+    env = {"BENCH_REPO_ROOT": str(REPO_ROOT), "BENCH_BUNDLE": str(bundle.resolve())}
+    if threads:
+        env["BENCH_TORCH_THREADS"] = str(threads)
+    return env
 
 
 @contextmanager
 def litserve(
-    python: Path, bundle: Path, workdir: Path, probe: bytes, max_batch_size: int, wait_s: float
+    python: Path,
+    bundle: Path,
+    workdir: Path,
+    probe: bytes,
+    max_batch_size: int,
+    wait_s: float,
+    threads: int | None = None,
 ) -> Iterator[Server]:
     port = free_port()
     script = str(PEERS / "litserve_server.py")
     command = [str(python.absolute()), script, str(port), str(max_batch_size), str(wait_s)]
     url = f"http://127.0.0.1:{port}/predict"
-    with _serve("litserve", command, url, _peer_env(bundle), workdir, probe) as server:
+    with _serve("litserve", command, url, _peer_env(bundle, threads), workdir, probe) as server:
         yield server
 
 
 @contextmanager
 def torchserve(
-    python: Path, bundle: Path, workdir: Path, probe: bytes, max_batch_size: int, wait_ms: int
+    python: Path,
+    bundle: Path,
+    workdir: Path,
+    probe: bytes,
+    max_batch_size: int,
+    wait_ms: int,
+    threads: int | None = None,
 ) -> Iterator[Server]:
     # Absolute paths: TorchServe runs in workdir. (absolute(), not resolve(): the venv's python
     # is a symlink that must stay inside the venv.)
@@ -231,7 +250,7 @@ def torchserve(
         f"--ts-config={workdir / 'config.properties'}",
         "--disable-token-auth",
     ]
-    env = {**_peer_env(bundle), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**_peer_env(bundle, threads), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     url = f"http://127.0.0.1:{port}/predictions/sentiment"
     with _serve("torchserve", command, url, env, workdir, probe) as server:
         yield server

@@ -101,25 +101,65 @@ def _say(name: str, what: str, result: LoadResult) -> None:
 ServerFactory = Callable[[], AbstractContextManager[servers.Server]]
 
 
-def _servers(options: Options, probe: bytes) -> tuple[list[tuple[str, ServerFactory]], dict]:
-    """What to start, in order, and the peers' package versions."""
+def _ours(options: Options, probe: bytes) -> list[tuple[str, ServerFactory]]:
     wd, bundle, batch = options.workdir, options.bundle, options.max_batch_size
-    configs: list[tuple[str, ServerFactory]] = [
+    return [
         ("ours", partial(servers.ours, bundle, wd / "ours", probe, batch)),
-        ("ours-unbatched", partial(servers.ours, bundle, wd / "unbatched", probe, 1)),
+        (
+            "ours-unbatched",
+            partial(servers.ours, bundle, wd / "unbatched", probe, 1, name="ours-unbatched"),
+        ),
+        # The threads lever in the server, where HTTP, tokenising and wrk want a core too.
+        (
+            "ours-1thread",
+            partial(servers.ours, bundle, wd / "1thread", probe, batch, 1, "ours-1thread"),
+        ),
     ]
+
+
+def _peers(
+    options: Options, probe: bytes, threads: int | None
+) -> tuple[list[tuple[str, ServerFactory]], dict[str, str]]:
+    """The peers, with the batching and torch threads of our best configuration, and their
+    package versions."""
+    wd, bundle, batch = options.workdir, options.bundle, options.max_batch_size
+    configs: list[tuple[str, ServerFactory]] = []
     versions = {}
     for peer in options.peers:
         python = servers.peer_python(wd / "venvs", peer, options.torch_pip_args)
         versions[peer] = servers.describe_peer(python, peer)
+        folder = wd / peer
         if peer == "litserve":
             wait_s = options.max_wait_ms / 1000
-            factory = partial(servers.litserve, python, bundle, wd / peer, probe, batch, wait_s)
+            factory = partial(
+                servers.litserve, python, bundle, folder, probe, batch, wait_s, threads
+            )
         else:
             wait_ms = round(options.max_wait_ms)
-            factory = partial(servers.torchserve, python, bundle, wd / peer, probe, batch, wait_ms)
+            factory = partial(
+                servers.torchserve, python, bundle, folder, probe, batch, wait_ms, threads
+            )
         configs.append((peer, factory))
     return configs, versions
+
+
+def _measure(
+    configs: list[tuple[str, ServerFactory]], work: Workload, plan: Plan
+) -> dict[str, Any]:
+    measured_all = {}
+    for name, make in configs:
+        print(f"server: {name}", flush=True)
+        with make() as server:
+            measured = _sweep(name, server, work, plan)
+            if name == "ours":
+                result = run_wrk(server.url, work.short, 1, plan.seconds)
+                measured["short_c1"] = result.summary()
+                _say(name, "1 client, short review", result)
+                result = run_wrk(server.url, work.batch32, plan.batch32_clients, plan.seconds, 32)
+                measured["batch32"] = result.summary()
+                _say(name, f"{plan.batch32_clients} clients x 32 texts", result)
+        measured_all[name] = measured
+    return measured_all
 
 
 def run(options: Options) -> dict[str, Any]:
@@ -152,20 +192,16 @@ def run(options: Options) -> dict[str, Any]:
     lever_seqs = [e.ids for e in runtime.preprocess(texts)]
     results["int8"] = limit.int8_lever(runtime, lever_seqs, labels, [1, 64], plan.limit_seconds)
 
-    configs, results["peers"] = _servers(options, work.probe())
-    results["servers"] = {}
-    for name, make in configs:
-        print(f"server: {name}", flush=True)
-        with make() as server:
-            measured = _sweep(name, server, work, plan)
-            if name == "ours":
-                result = run_wrk(server.url, work.short, 1, plan.seconds)
-                measured["short_c1"] = result.summary()
-                _say(name, "1 client, short review", result)
-                result = run_wrk(server.url, work.batch32, plan.batch32_clients, plan.seconds, 32)
-                measured["batch32"] = result.summary()
-                _say(name, f"{plan.batch32_clients} clients x 32 texts", result)
-        results["servers"][name] = measured
+    results["servers"] = _measure(_ours(options, work.probe()), work, plan)
+    # Peers run with the torch threads that served best here: the same setting for everyone.
+    best = {
+        name: max(p["texts_per_s"] for p in results["servers"][name]["single"])
+        for name in ("ours", "ours-1thread")
+    }
+    threads = 1 if best["ours-1thread"] > best["ours"] else None
+    results["peer_threads"] = threads
+    peer_configs, results["peers"] = _peers(options, work.probe(), threads)
+    results["servers"].update(_measure(peer_configs, work, plan))
 
     results["minutes"] = round((time.monotonic() - started) / 60, 1)
     options.out.mkdir(parents=True, exist_ok=True)

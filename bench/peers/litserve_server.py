@@ -12,6 +12,7 @@ from typing import Any
 
 import litserve as ls
 import numpy as np
+import torch
 
 sys.path.insert(0, os.environ["BENCH_REPO_ROOT"])
 from service.runtime import ModelRuntime
@@ -19,6 +20,8 @@ from service.runtime import ModelRuntime
 
 class SentimentAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
+        if os.environ.get("BENCH_TORCH_THREADS"):
+            torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
         self.runtime = ModelRuntime.load(Path(os.environ["BENCH_BUNDLE"]), "cpu")
         self.runtime.warmup()
 

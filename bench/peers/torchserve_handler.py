@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.environ["BENCH_REPO_ROOT"])
+import torch
+
 from service.runtime import ModelRuntime
 
 _runtime: ModelRuntime | None = None
@@ -29,6 +31,8 @@ def _text(row: dict[str, Any]) -> str:
 def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
     global _runtime
     if _runtime is None:
+        if os.environ.get("BENCH_TORCH_THREADS"):
+            torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
         _runtime = ModelRuntime.load(Path(context.system_properties["model_dir"]), "cpu")
         _runtime.warmup()
     if data is None:

@@ -118,7 +118,7 @@ def test_a_miniature_sitting_writes_the_report(
         command="pytest",
     )
     results = run(options)
-    assert set(results["servers"]) == {"ours", "ours-unbatched"}
+    assert set(results["servers"]) == {"ours", "ours-unbatched", "ours-1thread"}
     for name in ("results.json", "report.md", "throughput.png", "latency_cdf.png"):
         assert (out / name).stat().st_size > 0
     text = (out / "report.md").read_text()
