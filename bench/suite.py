@@ -53,7 +53,7 @@ class Options:
     peers: tuple[str, ...] = ("litserve", "torchserve")
     torch_pip_args: list[str] = field(default_factory=list)
     max_batch_size: int = 64
-    max_wait_ms: float = 2.0
+    peer_max_wait_ms: float = 2.0  # their batch timeout; ours runs with its own default
     command: str = ""
 
 
@@ -130,12 +130,12 @@ def _peers(
         versions[peer] = servers.describe_peer(python, peer)
         folder = wd / peer
         if peer == "litserve":
-            wait_s = options.max_wait_ms / 1000
+            wait_s = options.peer_max_wait_ms / 1000
             factory = partial(
                 servers.litserve, python, bundle, folder, probe, batch, wait_s, threads
             )
         else:
-            wait_ms = round(options.max_wait_ms)
+            wait_ms = round(options.peer_max_wait_ms)
             factory = partial(
                 servers.torchserve, python, bundle, folder, probe, batch, wait_ms, threads
             )
