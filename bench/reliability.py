@@ -4,7 +4,7 @@
     python -m bench.reliability soak --seconds 600           # about 80% of saturation
 
 The script starts ``python -m service`` itself (so it can read the server's resident memory),
-measures saturation with 64 closed-loop wrk clients on real IMDb test reviews, then offers load
+measures saturation with 256 closed-loop wrk clients on real IMDb test reviews, then offers load
 at a multiple of it: many wrk connections with exponential think times, an approximation of an
 open loop. The offered rate actually reached is reported next to the target. Pass/fail:
 
@@ -27,6 +27,7 @@ import httpx
 from bench import servers
 from bench.loadgen import LoadResult, run_wrk
 from bench.workload import build
+from service.config import Settings
 from training.config import default_data_source
 
 MAX_CONNECTIONS = 2000  # below uvicorn's accept backlog (2048)
@@ -44,15 +45,18 @@ def single_latency_ms(url: str, body: bytes, n: int) -> float:
     return statistics.median(samples) * 1e3
 
 
-def offer(url: str, bodies: Path, rate: float, seconds: float) -> LoadResult:
+def offer(url: str, bodies: Path, rate: float, seconds: float, overload: bool) -> LoadResult:
     """About ``rate`` requests/s from many connections, each waiting an exponential think time
-    of mean connections / rate before every request. Connections waiting on the server send
-    nothing meanwhile, so the rate reached is a little under the target at saturation and
-    above it when the server answers quickly (429); the caller reports what was reached."""
+    before every request. A connection whose request was admitted waits for its answer and
+    sends nothing meanwhile; under overload the server's queue bound of them do, so the think
+    time is set for the remaining connections to offer ``rate``. The caller reports what was
+    reached."""
     # Enough connections that the in-flight count can pass the server's queue bound: with
     # fewer, a closed loop can never overload it, whatever the think time.
     connections = int(min(MAX_CONNECTIONS, max(64, rate * 10)))
-    return run_wrk(url, bodies, connections, seconds, rate=rate)
+    waiting = min(Settings().max_queue_texts, connections // 2) if overload else 0
+    think_s = max(0.001, (connections - waiting) / rate)
+    return run_wrk(url, bodies, connections, seconds, rate=connections / think_s)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,15 +64,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = build(args.data, Path(".cache"), workdir / "bodies", 2000)
     probe = b'{"inputs": "A wonderful, moving film, with a cast at the top of its game."}'
     result: dict[str, Any] = {"mode": args.mode, "bundle": str(args.bundle)}
-    with servers.ours(args.bundle, workdir, probe) as server:
+    # Think times run to tens of seconds: idle connections must stay open meanwhile, or wrk
+    # counts each one the server closed as a read error.
+    keep_alive = {"SENTIMENT_KEEP_ALIVE_S": "300"}
+    with servers.ours(args.bundle, workdir, probe, extra_env=keep_alive) as server:
         idle_p50 = single_latency_ms(server.url, probe, 20)
-        saturation = run_wrk(server.url, work.single, 64, args.calibrate).ok_per_s
+        # 256 closed-loop clients: where our throughput peaks (docs/benchmarks.md).
+        saturation = run_wrk(server.url, work.single, 256, args.calibrate).ok_per_s
         print(f"idle p50 {idle_p50:.1f} ms, saturation {saturation:.1f} requests/s", flush=True)
         result.update(idle_p50_ms=round(idle_p50, 1), saturation_per_s=round(saturation, 1))
 
-        factor = 3.0 if args.mode == "overload" else 0.8
+        factor = args.factor or (3.0 if args.mode == "overload" else 0.8)
         rss_start = servers.rss_mb(server.pid)
-        load = offer(server.url, work.single, factor * saturation, args.seconds)
+        overload = args.mode == "overload"
+        load = offer(server.url, work.single, factor * saturation, args.seconds, overload)
         rss_end = servers.rss_mb(server.pid)
         offered = load.answered_per_s  # closed loop per connection: sent = answered (+ open)
         result.update(
@@ -113,6 +122,13 @@ def main() -> int:
     parser.add_argument("--data", default=default_data_source())
     parser.add_argument("--seconds", type=float, default=60.0, help="duration of the load")
     parser.add_argument("--calibrate", type=float, default=10.0, help="seconds of closed loop")
+    parser.add_argument(
+        "--factor",
+        type=float,
+        default=None,
+        help="offered load as a multiple of saturation (default 3 for overload, 0.8 for soak; "
+        "the first think times are a ramp, so the average offered lands a little below it)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     result = run(args)

@@ -134,6 +134,7 @@ def ours(
     max_batch_size: int = 64,
     threads: int | None = None,
     name: str = "ours",
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Server]:
     port = free_port()
     env = {
@@ -146,6 +147,7 @@ def ours(
     }
     if threads:
         env["SENTIMENT_TORCH_THREADS"] = str(threads)
+    env.update(extra_env or {})
     command = [sys.executable, "-m", "service"]
     with _serve(name, command, f"http://127.0.0.1:{port}/predict", env, workdir, probe) as s:
         yield s

@@ -63,6 +63,7 @@ def main() -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        timeout_keep_alive=settings.keep_alive_s,
     )
     DrainingServer(config, app).run()
     return 0

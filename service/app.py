@@ -33,7 +33,7 @@ from service.schemas import (
     InfoResponse,
     PredictRequest,
     PredictResponse,
-    Truncation,
+    TruncationRule,
 )
 
 log = logging.getLogger("service")
@@ -166,7 +166,7 @@ def _register_routes(app: FastAPI, settings: Settings, metrics: Metrics) -> None
             model_version=described["version"],
             device=described["device"],
             max_length=described["max_length"],
-            truncation=Truncation(**described["truncation"]),
+            truncation=TruncationRule(**described["truncation"]),
             labels=described["labels"],
             temperature=described["temperature"],
             parameters=described["parameters"],

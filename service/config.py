@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
     warmup: bool = Field(True, description="run the model once per batch shape before serving")
+    keep_alive_s: int = Field(
+        5,
+        ge=1,
+        description="seconds an idle keep-alive connection stays open (uvicorn's default is 5; "
+        "behind a load balancer set it above the balancer's idle timeout)",
+    )
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

@@ -98,7 +98,7 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "ready"]
 
 
-class Truncation(BaseModel):
+class TruncationRule(BaseModel):
     """A longer text keeps its first ``head`` and its last ``tail`` tokens."""
 
     max_length: int
@@ -123,7 +123,7 @@ class InfoResponse(BaseModel):
     model_version: str
     device: str
     max_length: int
-    truncation: Truncation
+    truncation: TruncationRule
     labels: list[str]
     temperature: float
     parameters: int | None
