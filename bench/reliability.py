@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,28 @@ def single_latency_ms(url: str, body: bytes, n: int) -> float:
             response.raise_for_status()
             samples.append(time.monotonic() - started)
     return statistics.median(samples) * 1e3
+
+
+class RssSampler:
+    """Resident memory of a process every ``every_s`` seconds, in a background thread."""
+
+    def __init__(self, pid: int, every_s: float) -> None:
+        self.pid, self.every_s = pid, every_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append(round(servers.rss_mb(self.pid), 1))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def offer(url: str, bodies: Path, rate: float, seconds: float, overload: bool) -> LoadResult:
@@ -77,7 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         factor = args.factor or (3.0 if args.mode == "overload" else 0.8)
         rss_start = servers.rss_mb(server.pid)
         overload = args.mode == "overload"
-        load = offer(server.url, work.single, factor * saturation, args.seconds, overload)
+        with RssSampler(server.pid, every_s=10) as rss:
+            load = offer(server.url, work.single, factor * saturation, args.seconds, overload)
         rss_end = servers.rss_mb(server.pid)
         offered = load.answered_per_s  # closed loop per connection: sent = answered (+ open)
         result.update(
@@ -88,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             load=load.summary(),
             rss_start_mb=round(rss_start, 1),
             rss_end_mb=round(rss_end, 1),
+            rss_every_10s_mb=rss.samples,  # a plateau is allocator growth, a slope a leak
         )
         print(json.dumps(load.summary()["statuses"]), flush=True)
         if args.mode == "overload":
