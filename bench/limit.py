@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
+import os
 import platform
+import subprocess
 import time
 import warnings
 from collections.abc import Callable
@@ -145,9 +148,25 @@ def int8_lever(
     return {"reviews": len(seqs), "accuracy": accuracy, "throughput": rows}
 
 
-def machine() -> str:
-    threads = torch.get_num_threads()
-    return f"{platform.machine()}, {threads} torch threads, torch {torch.__version__}"
+def machine() -> dict[str, Any]:
+    """Where a measurement ran: CPU, cores, versions, commit."""
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "commit": commit or "?",
+    }
 
 
 def main() -> None:

@@ -17,60 +17,57 @@ def _at(points: list[dict[str, Any]], clients: int) -> dict[str, Any]:
     return next(p for p in points if p["connections"] == clients)
 
 
+def _quotient(a: float, b: float, suffix: str = "x") -> tuple[float, str]:
+    """``a / b`` and its table text, e.g. ``90 / 40 = 2.25x``."""
+    q = a / max(b, 1e-9)
+    return q, f"{a:.0f} / {b:.0f} = {q:.2f}{suffix}"
+
+
+def _verdict(ok: bool, stretch: bool = False) -> str:
+    return ("met" if ok else "MISSED") + (" (stretch met)" if stretch else "")
+
+
 def ratios(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Rows of (measure, value, target, verdict)."""
     rows: list[tuple[str, str, str, str]] = []
     runs = results["servers"]
-    ours = runs["ours"]["single"]
-    sat = _best(ours)
-    limit_random = max(
-        (r for r in results["limit"] if r["order"] == "random"), key=lambda r: r["reviews_per_s"]
-    )
-    limit_grouped = max(
-        (r for r in results["limit"] if r["order"] == "grouped"), key=lambda r: r["reviews_per_s"]
-    )
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "MISSED"
-
-    share = sat["texts_per_s"] / limit_random["reviews_per_s"]  # the limit is never 0
-    rows.append(
+    sat = _best(runs["ours"]["single"])
+    rate = sat["texts_per_s"]
+    for order, label, target in (
         (
-            f"ours at saturation ({sat['connections']} clients) / in-process limit "
-            f"(batch {limit_random['batch_size']}, arrival order)",
-            f"{sat['texts_per_s']:.0f} / {limit_random['reviews_per_s']:.0f} = {share:.2f}",
+            "random",
+            "ours at saturation ({c} clients) / in-process limit (batch {b}, arrival order)",
             ">= 0.85",
-            verdict(share >= 0.85),
-        )
-    )
-    share_g = sat["texts_per_s"] / limit_grouped["reviews_per_s"]
-    rows.append(
+        ),
         (
-            f"ours at saturation / in-process limit sorted by length "
-            f"(batch {limit_grouped['batch_size']})",
-            f"{sat['texts_per_s']:.0f} / {limit_grouped['reviews_per_s']:.0f} = {share_g:.2f}",
+            "grouped",
+            "ours at saturation / in-process limit sorted by length (batch {b})",
             "(reference)",
-            "",
+        ),
+    ):
+        lim = max(
+            (r for r in results["limit"] if r["order"] == order), key=lambda r: r["reviews_per_s"]
         )
-    )
+        share, text = _quotient(rate, lim["reviews_per_s"], "")
+        measure = label.format(c=sat["connections"], b=lim["batch_size"])
+        verdict = _verdict(share >= 0.85) if order == "random" else ""
+        rows.append((measure, text, target, verdict))
     if "ours-unbatched" in runs:
-        unb = _best(runs["ours-unbatched"]["single"])
-        gain = sat["texts_per_s"] / max(unb["texts_per_s"], 1e-9)
+        gain, text = _quotient(rate, _best(runs["ours-unbatched"]["single"])["texts_per_s"])
         rows.append(
             (
                 "ours / ours with max batch 1 (each at its saturation)",
-                f"{sat['texts_per_s']:.0f} / {unb['texts_per_s']:.0f} = {gain:.2f}x",
+                text,
                 ">= 2x",
-                verdict(gain >= 2),
+                _verdict(gain >= 2),
             )
         )
     if "ours-1thread" in runs:
-        one = _best(runs["ours-1thread"]["single"])
-        gain = one["texts_per_s"] / max(sat["texts_per_s"], 1e-9)
+        _, text = _quotient(_best(runs["ours-1thread"]["single"])["texts_per_s"], rate)
         rows.append(
             (
                 "lever: ours with 1 torch thread / ours with torch's default threads",
-                f"{one['texts_per_s']:.0f} / {sat['texts_per_s']:.0f} = {gain:.2f}x",
+                text,
                 "(kept if > 1)",
                 "",
             )
@@ -82,7 +79,7 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "p50 latency, one short review, 1 client",
                 f"{short['p50_ms']:.1f} ms",
                 "<= 15 ms",
-                verdict(short["p50_ms"] <= 15),
+                _verdict(short["p50_ms"] <= 15),
             )
         )
     batch32 = runs["ours"].get("batch32")
@@ -98,7 +95,6 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     # Peers ran with the torch threads of our better configuration: compare with that one.
     mine = "ours-1thread" if results.get("peer_threads") == 1 else "ours"
     ours = runs[mine]["single"]
-    sat = _best(ours)
     best_peer = None
     for peer in PEERS:
         if peer not in runs:
@@ -108,29 +104,27 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((f"{mine} / {peer}", f"{peer} answered nothing", "", "n/a"))
             continue
         same = _at(ours, theirs["connections"])
-        gain = same["texts_per_s"] / theirs["texts_per_s"]
+        gain, text = _quotient(same["texts_per_s"], theirs["texts_per_s"])
         rows.append(
             (
                 f"{mine} / {peer} at {peer}'s saturation ({theirs['connections']} clients); "
                 f"p99 ours vs theirs",
-                f"{same['texts_per_s']:.0f} / {theirs['texts_per_s']:.0f} = {gain:.2f}x; "
-                f"{same['p99_ms']:.0f} vs {theirs['p99_ms']:.0f} ms",
+                f"{text}; {same['p99_ms']:.0f} vs {theirs['p99_ms']:.0f} ms",
                 ">= 1x at <= p99 (stretch 1.3x)",
-                verdict(gain >= 1 and same["p99_ms"] <= theirs["p99_ms"])
-                + (" (stretch met)" if gain >= 1.3 else ""),
+                _verdict(gain >= 1 and same["p99_ms"] <= theirs["p99_ms"], gain >= 1.3),
             )
         )
         if best_peer is None or theirs["texts_per_s"] > best_peer[1]["texts_per_s"]:
             best_peer = (peer, theirs)
-    if best_peer and sat["texts_per_s"] > 0:
+    if best_peer:
         peer, theirs = best_peer
-        gain = sat["texts_per_s"] / theirs["texts_per_s"]
+        gain, text = _quotient(_best(ours)["texts_per_s"], theirs["texts_per_s"])
         rows.append(
             (
                 f"{mine} at saturation / best peer ({peer}) at saturation",
-                f"{sat['texts_per_s']:.0f} / {theirs['texts_per_s']:.0f} = {gain:.2f}x",
+                text,
                 ">= 1x (stretch 1.3x)",
-                verdict(gain >= 1) + (" (stretch met)" if gain >= 1.3 else ""),
+                _verdict(gain >= 1, gain >= 1.3),
             )
         )
     return rows

@@ -7,7 +7,6 @@ A server counts as ready when it answers a real prediction request with 200.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -265,7 +264,3 @@ def describe_peer(python: Path, package: str) -> str:
         text=True,
     )
     return f"{package} {version.stdout.strip() or '?'}"
-
-
-def json_body(inputs: str | list[str]) -> bytes:
-    return json.dumps({"inputs": inputs}).encode()

@@ -4,11 +4,7 @@ clients, then the ratio table (``bench.report``)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -18,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from bench import limit, report, servers
 from bench.loadgen import LoadResult, run_wrk
@@ -55,26 +50,6 @@ class Options:
     max_batch_size: int = 64
     peer_max_wait_ms: float = 2.0  # their batch timeout; ours runs with its own default
     command: str = ""
-
-
-def _machine() -> dict[str, Any]:
-    cpu = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "commit": commit or "?",
-    }
 
 
 def _sweep(name: str, server: servers.Server, work: Workload, plan: Plan) -> dict[str, Any]:
@@ -165,7 +140,7 @@ def _measure(
 def run(options: Options) -> dict[str, Any]:
     plan = options.plan
     started = time.monotonic()
-    results: dict[str, Any] = {"machine": _machine(), "plan": asdict(plan)}
+    results: dict[str, Any] = {"machine": limit.machine(), "plan": asdict(plan)}
     results["command"] = options.command
     print(f"machine: {results['machine']}", flush=True)
 
