@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.allocator import limit_arenas
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.errors import STATUS, BundleError, ErrorType, ServiceError
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.malloc_arena_max:  # before the inference and torch threads exist
+            limit_arenas(settings.malloc_arena_max)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         try:
