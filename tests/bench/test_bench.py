@@ -1,15 +1,17 @@
 """The benchmark's parts against real things: wrk driving a real `python -m service` process on
-the tiny exported bundle, and one miniature sitting of the whole suite."""
+the tiny exported bundle, one miniature sitting of the whole suite, and the allocator comparison
+in miniature."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench import report, servers
+from bench import allocator, reliability, report, servers
 from bench.loadgen import run_wrk, wrk_available
 from bench.suite import Options, Plan, run
 
@@ -127,3 +129,31 @@ def test_a_miniature_sitting_writes_the_report(
     assert all(
         p["statuses"] == {"2xx": p["requests"]} for p in results["servers"]["ours"]["single"]
     )
+
+
+@pytest.mark.slow
+def test_the_allocator_comparison_runs_every_setting_on_the_same_batches(
+    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
+):
+    args = argparse.Namespace(
+        bundle=trained_bundle,
+        data=str(imdb_tarball),
+        batches=50,
+        reviews=40,
+        cache_dir=tmp_path / "cache",
+    )
+    comparison = allocator.compare(args)
+    assert list(comparison["settings"]) == list(allocator.SETTINGS)
+    for setting in comparison["settings"].values():
+        assert setting["model_s"] > 0
+        assert len(setting["rss_mb"]) == 1 + 50 // allocator.SAMPLE_EVERY
+        assert all(100 < mb < 5000 for mb in setting["rss_mb"])
+    assert comparison["settings"]["glibc default"]["model_time_vs_default"] == 1.0
+    assert allocator.table(comparison).count("\n") == 1 + len(allocator.SETTINGS)
+
+
+def test_soak_memory_is_judged_on_the_medians_of_whole_minutes():
+    readings = [500.0, 650.0, 510.0, 505.0, 640.0, 502.0, 700.0, 560.0, 550.0, 690.0, 555.0, 552.0]
+    # Every 10 s: a minute is six readings, and a batch in flight does not move its median.
+    assert reliability.window_median(readings, 10, 60, last=False) == 507.5
+    assert reliability.window_median(readings, 10, 60, last=True) == 557.5

@@ -1,0 +1,132 @@
+"""Malloc settings compared on the same stream of batches: model time and resident memory.
+
+    python -m bench.allocator --batches 400 --json docs/reliability/allocator.json
+
+Each setting runs in a child process of its own (glibc reads its environment at start), which
+serves batches as the service does: the bundle loaded and warmed, then the model run from one
+worker thread on batches of 1 to 64 real IMDb test reviews (tokenised and cut by the bundle's
+rules), the same seeded sequence for every setting. Resident memory is read every 25 batches.
+The settings: glibc's default (an arena per thread, up to 8 per core), two arenas (the
+service's default, set as ``service.allocator`` sets it) and a fixed 1 MB mmap threshold
+(every larger tensor goes back to the kernel when freed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.limit import load_reviews
+from bench.servers import rss_mb
+from service.allocator import limit_arenas
+from service.runtime import ModelRuntime
+from training.config import default_data_source
+
+SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "glibc default": ([], {}),
+    "2 arenas (service default)": (["--arenas", "2"], {}),
+    "mmap threshold 1 MB": ([], {"MALLOC_MMAP_THRESHOLD_": str(2**20)}),
+}
+SAMPLE_EVERY = 25
+MAX_BATCH = 64  # the service's default max_batch_size
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One setting, in this process: model seconds and resident memory along the stream."""
+    if args.arenas:
+        limit_arenas(args.arenas)
+    runtime = ModelRuntime.load(args.bundle, "cpu")
+    runtime.warmup((1, 64))
+    texts, _ = load_reviews(args.data, args.reviews, seed=0, cache_dir=args.cache_dir)
+    seqs = [e.ids for e in runtime.preprocess(texts)]
+    rng = np.random.default_rng(1)
+    largest = min(MAX_BATCH, len(seqs))
+    batches = [
+        [seqs[i] for i in rng.choice(len(seqs), int(rng.integers(1, largest + 1)), replace=False)]
+        for _ in range(args.batches)
+    ]
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+    rss = [rss_mb(os.getpid())]
+    model_s = 0.0
+    for i, batch in enumerate(batches, start=1):
+        started = time.perf_counter()
+        worker.submit(runtime.infer, batch).result()
+        model_s += time.perf_counter() - started
+        if i % SAMPLE_EVERY == 0:
+            rss.append(rss_mb(os.getpid()))
+    return {"model_s": round(model_s, 2), "rss_mb": [round(r, 1) for r in rss]}
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, (flags, env) in SETTINGS.items():
+        command = [sys.executable, "-m", "bench.allocator", "--child", *flags]
+        command += ["--batches", str(args.batches), "--bundle", str(args.bundle)]
+        command += ["--data", args.data, "--reviews", str(args.reviews)]
+        command += ["--cache-dir", str(args.cache_dir)]
+        print(f"{name} ...", flush=True)
+        done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{name}: the child failed:\n{done.stderr[-2000:]}")
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        rss = run["rss_mb"][1:]  # the first reading is before any batch
+        quarter = max(1, len(rss) // 4)
+        run["rss_first_quarter_median_mb"] = statistics.median(rss[:quarter])
+        run["rss_last_quarter_median_mb"] = statistics.median(rss[-quarter:])
+        results[name] = run
+    base = results["glibc default"]["model_s"]
+    for run in results.values():
+        run["model_time_vs_default"] = round(run["model_s"] / base, 2)
+    return {"batches": args.batches, "settings": results}
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [
+        "| setting | model time | vs default | RSS after warm-up | first quarter | last quarter "
+        "| peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, run in report["settings"].items():
+        lines.append(
+            f"| {name} | {run['model_s']:.1f} s | {run['model_time_vs_default']:.2f}x "
+            f"| {run['rss_mb'][0]:.0f} MB | {run['rss_first_quarter_median_mb']:.0f} MB "
+            f"| {run['rss_last_quarter_median_mb']:.0f} MB | {max(run['rss_mb']):.0f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--bundle", type=Path, default=Path("models/imdb-bigru"))
+    parser.add_argument("--data", default=default_data_source())
+    parser.add_argument("--batches", type=int, default=400)
+    parser.add_argument("--reviews", type=int, default=4000, help="test reviews to draw from")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--arenas", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    report = compare(args)
+    print(table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
