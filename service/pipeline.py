@@ -153,11 +153,20 @@ class Predictor:
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if not everything.done():  # given up: disconnect, deadline, or this task cancelled
+                everything.cancel()  # its texts that have not run yet will be skipped
+                # A cancelled gather settles with a CancelledError that nobody awaits; retrieve
+                # it, or asyncio logs "exception was never retrieved" for every dropped request.
+                everything.add_done_callback(_retrieve)
         if everything in done:
             return list(everything.result())  # raises the error of a failed text, if any
-        everything.cancel()  # its texts that have not run yet will be skipped by the batcher
         if watcher is not None and watcher in done:
             raise ServiceError(ErrorType.CLIENT_CLOSED, "the client disconnected")
         raise ServiceError(
             ErrorType.TIMEOUT, f"no answer within {self.settings.request_timeout_s} s"
         )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
