@@ -69,13 +69,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    # Malloc settings of the caller's own would blur the comparison.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     for name, (flags, env) in SETTINGS.items():
         command = [sys.executable, "-m", "bench.allocator", "--child", *flags]
         command += ["--batches", str(args.batches), "--bundle", str(args.bundle)]
         command += ["--data", args.data, "--reviews", str(args.reviews)]
         command += ["--cache-dir", str(args.cache_dir)]
         print(f"{name} ...", flush=True)
-        done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+        done = subprocess.run(command, env={**inherited, **env}, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{name}: the child failed:\n{done.stderr[-2000:]}")
         run = json.loads(done.stdout.strip().splitlines()[-1])
