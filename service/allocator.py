@@ -4,8 +4,8 @@ glibc gives each thread that allocates its own arena, up to eight per core, and 
 the pages of the tensors freed in it for reuse. Batches of every size from 1 x 16 to 64 x 400
 tokens pass through the inference thread, torch's intra-op threads and the tokenizer's threads,
 so resident memory climbs by a batch's working set or more before it levels off. With two
-arenas it climbs less, at the same speed, and in the 10-minute soak it did not climb at all
-(docs/reliability.md, "How the soak got there"). The same cap can be set before start with
+arenas it climbed less in-process, at the same speed; in the server's soaks the difference
+was lost in the noise (docs/reliability.md, "Soak"). The same cap can be set before start with
 ``MALLOC_ARENA_MAX``; a value set there wins.
 """
 
