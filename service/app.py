@@ -59,8 +59,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except BundleError as exc:
             log.error("cannot serve: %s", exc)
             raise
-        if settings.warmup:
-            runtime.warmup((1, settings.max_batch_size))
         batcher = DynamicBatcher(
             runtime.infer,
             max_batch_size=settings.max_batch_size,
@@ -69,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_queue=settings.max_queue_texts,
             metrics=metrics,
         )
+        if settings.warmup:
+            await batcher.run_in_worker(runtime.warmup, (1, settings.max_batch_size))
         await batcher.start()
         predictor = Predictor(runtime, batcher, settings, metrics)
         metrics.model_info.labels(runtime.name, runtime.version, str(runtime.device)).set(1)

@@ -183,3 +183,19 @@ def test_stop_finishes_accepted_work_then_refuses_new_work():
         assert caught.value.error_type is ErrorType.UNAVAILABLE
 
     run(scenario())
+
+
+def test_a_warm_up_runs_on_the_thread_that_will_serve():
+    model = RecordingModel()
+
+    async def scenario() -> None:
+        batcher = make(model)
+        await batcher.run_in_worker(model, [seq(4)])
+        await batcher.start()
+        futures = batcher.submit([seq(2)], time.monotonic() + 10)
+        await asyncio.gather(*futures)
+        await batcher.stop()
+
+    run(scenario())
+    assert model.batches == [[4], [2]]
+    assert len(model.thread_names) == 1  # the warm-up's arena is the one serving draws from
