@@ -3,9 +3,11 @@
     python -m bench.allocator --batches 400 --json docs/reliability/allocator.json
 
 Each setting runs in a child process of its own (glibc reads its environment at start), which
-serves batches as the service does: the bundle loaded and warmed, then the model run from one
-worker thread on batches of 1 to 64 real IMDb test reviews (tokenised and cut by the bundle's
-rules), the same seeded sequence for every setting. Resident memory is read every 25 batches.
+serves batches as the service does: the bundle loaded and warmed (on the main thread, as the
+service did when docs/reliability/allocator.json was measured; it now warms up on its
+inference thread), then the model run from one worker thread on batches of 1 to 64 real IMDb
+test reviews (tokenised and cut by the bundle's rules), the same seeded sequence for every
+setting. Resident memory is read every 25 batches.
 The settings: glibc's default (an arena per thread, up to 8 per core), two arenas (the
 service's default, set as ``service.allocator`` sets it) and a fixed 1 MB mmap threshold
 (every larger tensor goes back to the kernel when freed).

@@ -52,7 +52,9 @@ class Settings(BaseSettings):
         description="glibc malloc arenas for the server's threads (0: glibc's default, 8 per "
         "core); fewer arenas keep less freed memory between batches",
     )
-    warmup: bool = Field(True, description="run the model once per batch shape before serving")
+    warmup: bool = Field(
+        True, description="run the model on a few batch shapes, on the inference thread, first"
+    )
     keep_alive_s: int = Field(
         5,
         ge=1,
