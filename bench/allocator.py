@@ -3,14 +3,15 @@
     python -m bench.allocator --batches 400 --json docs/reliability/allocator.json
 
 Each setting runs in a child process of its own (glibc reads its environment at start), which
-serves batches as the service does: the bundle loaded and warmed (on the main thread, as the
-service did when docs/reliability/allocator.json was measured; it now warms up on its
-inference thread), then the model run from one worker thread on batches of 1 to 64 real IMDb
-test reviews (tokenised and cut by the bundle's rules), the same seeded sequence for every
-setting. Resident memory is read every 25 batches.
-The settings: glibc's default (an arena per thread, up to 8 per core), two arenas (the
-service's default, set as ``service.allocator`` sets it) and a fixed 1 MB mmap threshold
-(every larger tensor goes back to the kernel when freed).
+serves batches as the service does: the bundle loaded and warmed on the inference thread, then
+the model run from that thread on batches of 1 to 64 real IMDb test reviews (tokenised and cut
+by the bundle's rules), the same seeded sequence for every setting. Resident memory is read
+every 25 batches.
+The settings: glibc's default (an arena per thread, up to 8 per core); two arenas, as
+``service.allocator`` sets them; two arenas with free pages handed back every 5 s (the
+service's default: ``malloc_trim`` on the inference thread, between batches, its time counted
+as model time); and a fixed 1 MB mmap threshold (every larger tensor goes back to the kernel
+when freed).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import numpy as np
 
 from bench.limit import load_reviews
 from bench.servers import rss_mb
-from service.allocator import limit_arenas
+from service.allocator import limit_arenas, release_free_memory
 from service.runtime import ModelRuntime
 from training.config import default_data_source
 
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "glibc default": ([], {}),
-    "2 arenas (service default)": (["--arenas", "2"], {}),
+    "2 arenas": (["--arenas", "2"], {}),
+    "2 arenas, trim every 5 s (service default)": (["--arenas", "2", "--trim-every-s", "5"], {}),
     "mmap threshold 1 MB": ([], {"MALLOC_MMAP_THRESHOLD_": str(2**20)}),
 }
 SAMPLE_EVERY = 25
@@ -48,7 +50,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     if args.arenas:
         limit_arenas(args.arenas)
     runtime = ModelRuntime.load(args.bundle, "cpu")
-    runtime.warmup((1, 64))
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+    worker.submit(runtime.warmup, (1, MAX_BATCH)).result()
     texts, _ = load_reviews(args.data, args.reviews, seed=0, cache_dir=args.cache_dir)
     seqs = [e.ids for e in runtime.preprocess(texts)]
     rng = np.random.default_rng(1)
@@ -57,16 +60,24 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         [seqs[i] for i in rng.choice(len(seqs), int(rng.integers(1, largest + 1)), replace=False)]
         for _ in range(args.batches)
     ]
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     rss = [rss_mb(os.getpid())]
-    model_s = 0.0
+    model_s = trim_s = 0.0
+    trimmed = -float("inf")
     for i, batch in enumerate(batches, start=1):
         started = time.perf_counter()
+        if args.trim_every_s and time.monotonic() - trimmed >= args.trim_every_s:
+            worker.submit(release_free_memory).result()
+            trimmed = time.monotonic()
+            trim_s += time.perf_counter() - started
         worker.submit(runtime.infer, batch).result()
         model_s += time.perf_counter() - started
         if i % SAMPLE_EVERY == 0:
             rss.append(rss_mb(os.getpid()))
-    return {"model_s": round(model_s, 2), "rss_mb": [round(r, 1) for r in rss]}
+    return {
+        "model_s": round(model_s, 2),
+        "trim_s": round(trim_s, 2),
+        "rss_mb": [round(r, 1) for r in rss],
+    }
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,13 +107,14 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     lines = [
-        "| setting | model time | vs default | RSS after warm-up | first quarter | last quarter "
-        "| peak |",
-        "|---|---|---|---|---|---|---|",
+        "| setting | model time | of which trim | vs default | RSS after warm-up | first quarter "
+        "| last quarter | peak |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, run in report["settings"].items():
         lines.append(
-            f"| {name} | {run['model_s']:.1f} s | {run['model_time_vs_default']:.2f}x "
+            f"| {name} | {run['model_s']:.1f} s | {run['trim_s']:.2f} s "
+            f"| {run['model_time_vs_default']:.2f}x "
             f"| {run['rss_mb'][0]:.0f} MB | {run['rss_first_quarter_median_mb']:.0f} MB "
             f"| {run['rss_last_quarter_median_mb']:.0f} MB | {max(run['rss_mb']):.0f} MB |"
         )
@@ -121,6 +133,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arenas", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--trim-every-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))

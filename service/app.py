@@ -1,14 +1,16 @@
 """The FastAPI app: ``create_app(settings)`` wires settings, runtime, batcher, metrics and routes.
 
-Nothing loads at import time. The lifespan loads and warms the model, starts the batcher, and on
-shutdown stops taking work, finishes every accepted request and stops the batcher.
+Nothing loads at import time. The lifespan loads and warms the model, starts the batcher (and the
+task that hands free memory back to the kernel), and on shutdown stops taking work, finishes
+every accepted request and stops the batcher.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import torch
@@ -19,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.allocator import limit_arenas
+from service.allocator import can_release, limit_arenas, release_periodically
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.errors import STATUS, BundleError, ErrorType, ServiceError
@@ -70,6 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.warmup:
             await batcher.run_in_worker(runtime.warmup, (1, settings.max_batch_size))
         await batcher.start()
+        releaser = None
+        if settings.malloc_trim_interval_s and can_release():
+            releaser = asyncio.create_task(
+                release_periodically(settings.malloc_trim_interval_s, batcher.run_in_worker),
+                name="malloc-trim",
+            )
         predictor = Predictor(runtime, batcher, settings, metrics)
         metrics.model_info.labels(runtime.name, runtime.version, str(runtime.device)).set(1)
         app.state.predictor = predictor
@@ -79,6 +87,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.ready = False
+            if releaser is not None:
+                releaser.cancel()
+                with suppress(asyncio.CancelledError):
+                    await releaser
             await batcher.stop()  # answers everything already queued first
             predictor.close()
             log.info("batcher drained and stopped")

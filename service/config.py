@@ -52,6 +52,13 @@ class Settings(BaseSettings):
         description="glibc malloc arenas for the server's threads (0: glibc's default, 8 per "
         "core); fewer arenas keep less freed memory between batches",
     )
+    malloc_trim_interval_s: float = Field(
+        5.0,
+        ge=0,
+        description="seconds between handing free malloc pages back to the kernel, on the "
+        "inference thread between batches (0: never; glibc only); without it resident memory "
+        "climbs to the worst arrangement of batches seen and stays there",
+    )
     warmup: bool = Field(
         True, description="run the model on a few batch shapes, on the inference thread, first"
     )

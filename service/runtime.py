@@ -140,11 +140,6 @@ class ModelRuntime:
         for size in batch_sizes:
             for length in (16, self.max_length):
                 self.infer([rng.integers(2, vocab, size=length) for _ in range(size)])
-        # Once more at the largest shape: glibc raises its mmap threshold when the first pass
-        # frees its large blocks, so only a second pass leaves that working set in the heap,
-        # where serving reuses it instead of growing to it under load.
-        largest = max(batch_sizes)
-        self.infer([rng.integers(2, vocab, size=self.max_length) for _ in range(largest)])
 
     # -- postprocess ------------------------------------------------------------------------
     def postprocess(

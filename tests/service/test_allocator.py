@@ -1,9 +1,13 @@
 import ctypes.util
 import logging
+import os
+import time
+from pathlib import Path
 
 import pytest
 
-from service.allocator import limit_arenas
+from service.allocator import limit_arenas, release_free_memory
+from tests.service.conftest import serve
 
 glibc = pytest.mark.skipif(
     ctypes.util.find_library("c") is None or "libc.so.6" not in ctypes.util.find_library("c"),
@@ -24,3 +28,37 @@ def test_malloc_arena_max_from_the_environment_wins(
     with caplog.at_level(logging.INFO, logger="service.allocator"):
         assert limit_arenas(2) is False
     assert "MALLOC_ARENA_MAX=4 from the environment" in caplog.text
+
+
+def resident_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@glibc
+def test_freed_memory_below_a_live_block_goes_back_to_the_kernel() -> None:
+    # 200 MB of 100 kB blocks (below glibc's mmap threshold, so on the heap); the last one
+    # stays alive, so free() alone cannot shrink the heap below it.
+    blocks = [b"x" * 100_000 for _ in range(2000)]
+    pinned = blocks[-1]
+    del blocks
+    before = resident_mb()
+    assert release_free_memory() is True
+    assert before - resident_mb() > 150
+    assert len(pinned) == 100_000
+
+
+@glibc
+def test_the_server_hands_free_memory_back_on_its_inference_thread(
+    trained_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="service.allocator"):
+        with serve(trained_bundle, malloc_trim_interval_s=0.05) as server, server.client() as c:
+            assert c.post("/predict", json={"inputs": "a fine film"}).status_code == 200
+            time.sleep(0.5)
+        during = len(caplog.records)
+        time.sleep(0.2)
+    trims = [r for r in caplog.records if r.getMessage().startswith("malloc_trim")]
+    assert len(trims) >= 3
+    assert {r.threadName.split("_")[0] for r in trims} == {"inference"}
+    assert len(caplog.records) == during  # stopped with the server
