@@ -1,20 +1,21 @@
-"""glibc malloc, tuned for a long-running server: fewer arenas, free pages handed back.
+"""The C allocator, tuned for a long-running server: fewer arenas, free pages handed back.
 
 glibc gives each thread that allocates its own arena, up to eight per core, and keeps the
 pages of freed memory for reuse: it returns only the free top of a heap to the kernel, never
 the free holes below a block still in use. Batches of every size from 1 x 16 to 64 x 400
 tokens pass through the inference thread, torch's intra-op threads and the tokenizer's threads,
-so resident memory climbs by a batch's working set or more, in steps that come whenever a batch
-leaves a new arrangement of holes, and never comes down: in the service's soaks one such step
-of 50-130 MB came at a different minute in each run, so a run that judged memory growth
-passed or failed by chance (docs/reliability.md, "Soak").
-
-Two remedies, both on by default in the service:
+while request handling allocates Python objects of every size in the same heaps, so resident
+memory climbs by a batch's working set or more and drifts with fragmentation. In the service's
+soaks (docs/reliability.md, "Soak") it moved by 10-19% in ten minutes in some runs and not in
+others, while the memory the service actually held stayed flat; with jemalloc preloaded
+(``LD_PRELOAD``) it stayed flat, at a cost in model time. This module leaves a preloaded
+allocator alone. Under glibc, two remedies, both on by default:
 - ``limit_arenas``: at most N arenas for the threads created from now on (the same as
   ``MALLOC_ARENA_MAX``, which wins when set).
 - ``release_free_memory`` (``malloc_trim(0)``): hand every whole free page in every arena back
   to the kernel. It takes 3-20 ms; the service runs it every few seconds on its inference
-  thread, between batches, so resident memory is what is in use, and a leak would show.
+  thread, between batches. It lowers memory (docs/reliability/allocator.json) but cannot
+  return pages that a live allocation shares.
 """
 
 from __future__ import annotations
@@ -44,9 +45,19 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def preloaded_allocator() -> str | None:
+    """jemalloc or tcmalloc when ``LD_PRELOAD`` puts one in place of glibc's malloc."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    return next((name for name in ("jemalloc", "tcmalloc") if name in preload), None)
+
+
 def limit_arenas(count: int) -> bool:
     """Let threads created from now on share at most ``count`` arenas. True if applied; False
-    where the C library is not glibc or ``MALLOC_ARENA_MAX`` already decided."""
+    where the C library is not glibc, another allocator is preloaded, or ``MALLOC_ARENA_MAX``
+    already decided."""
+    if (other := preloaded_allocator()) is not None:
+        log.info("malloc: %s is preloaded; glibc's arenas are not used", other)
+        return False
     if "MALLOC_ARENA_MAX" in os.environ:
         log.info(
             "malloc arenas: MALLOC_ARENA_MAX=%s from the environment",
@@ -63,7 +74,8 @@ def limit_arenas(count: int) -> bool:
 
 
 def can_release() -> bool:
-    return _glibc() is not None
+    """True where glibc's malloc serves this process (``malloc_trim`` has work to do)."""
+    return _glibc() is not None and preloaded_allocator() is None
 
 
 def release_free_memory() -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.allocator import limit_arenas, release_free_memory
+from service.allocator import can_release, limit_arenas, release_free_memory
 from tests.service.conftest import serve
 
 glibc = pytest.mark.skipif(
@@ -18,6 +18,7 @@ glibc = pytest.mark.skipif(
 @glibc
 def test_the_arena_cap_is_applied_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     assert limit_arenas(2) is True
 
 
@@ -28,6 +29,16 @@ def test_malloc_arena_max_from_the_environment_wins(
     with caplog.at_level(logging.INFO, logger="service.allocator"):
         assert limit_arenas(2) is False
     assert "MALLOC_ARENA_MAX=4 from the environment" in caplog.text
+
+
+def test_a_preloaded_allocator_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    with caplog.at_level(logging.INFO, logger="service.allocator"):
+        assert limit_arenas(2) is False
+    assert "jemalloc is preloaded" in caplog.text
+    assert can_release() is False
 
 
 def resident_mb() -> float:
