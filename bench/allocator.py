@@ -9,14 +9,16 @@ by the bundle's rules), the same seeded sequence for every setting. Resident mem
 every 25 batches.
 The settings: glibc's default (an arena per thread, up to 8 per core); two arenas, as
 ``service.allocator`` sets them; two arenas with free pages handed back every 5 s (the
-service's default: ``malloc_trim`` on the inference thread, between batches, its time counted
-as model time); and a fixed 1 MB mmap threshold (every larger tensor goes back to the kernel
-when freed).
+service's default under glibc: ``malloc_trim`` on the inference thread, between batches, its
+time counted as model time); a fixed 1 MB mmap threshold (every larger tensor goes back to the
+kernel when freed); and jemalloc preloaded with its default settings (skipped where it is
+not installed; Debian: libjemalloc2).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import json
 import os
 import statistics
@@ -41,6 +43,9 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "2 arenas, trim every 5 s (service default)": (["--arenas", "2", "--trim-every-s", "5"], {}),
     "mmap threshold 1 MB": ([], {"MALLOC_MMAP_THRESHOLD_": str(2**20)}),
 }
+JEMALLOC = ctypes.util.find_library("jemalloc")  # a soname: the loader finds it, as LD_PRELOAD may
+if JEMALLOC:
+    SETTINGS["jemalloc (its defaults)"] = ([], {"LD_PRELOAD": JEMALLOC})
 SAMPLE_EVERY = 25
 MAX_BATCH = 64  # the service's default max_batch_size
 
@@ -83,7 +88,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     # Malloc settings of the caller's own would blur the comparison.
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    inherited = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"
+    }
     for name, (flags, env) in SETTINGS.items():
         command = [sys.executable, "-m", "bench.allocator", "--child", *flags]
         command += ["--batches", str(args.batches), "--bundle", str(args.bundle)]
