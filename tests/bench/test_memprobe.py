@@ -51,5 +51,5 @@ def test_the_probe_writes_memory_lines_from_the_service_only(trained_bundle: Pat
     values = dict(pair.split("=") for pair in pairs)
     assert int(seconds) >= 0
     assert set(values) == FIELDS
-    assert int(values["anon"]) > 10
-    assert int(values["blocks"]) > 10_000
+    assert int(values["anon"]) > 0
+    assert int(values["blocks"]) > 1_000
