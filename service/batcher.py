@@ -73,8 +73,8 @@ class DynamicBatcher:
         return len(self._pending)
 
     async def run_in_worker(self, fn: Callable[..., object], *args: object) -> None:
-        """Run ``fn`` on the inference thread, e.g. a warm-up: the memory it leaves for reuse
-        then sits in the allocator arena that serving will draw from."""
+        """Run ``fn`` on the inference thread, between batches: the warm-up (the memory it
+        leaves for reuse then sits in the arena serving draws from) and ``malloc_trim``."""
         await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def start(self) -> None:
