@@ -11,7 +11,8 @@ open loop. The offered rate actually reached is reported next to the target. Pas
 - overload: only 200/429/504 answers, never 5xx nor a dropped connection; afterwards the
   median latency of single requests is back within 1.5x of the idle median within 5 s;
 - soak: every request answered 200, and resident memory grows under 10% from the first minute
-  of load to the last (medians of samples every second).
+  of load to the last (medians of samples every second). Saturation is measured again after
+  the load and reported beside the first, to show whether the machine's speed drifted.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.preload:  # the server's allocator only; not wrk's nor this script's
         server_env["LD_PRELOAD"] = str(args.preload.resolve())
         result["ld_preload"] = str(args.preload)
+    if args.malloc_conf:
+        server_env["MALLOC_CONF"] = args.malloc_conf
+        result["malloc_conf"] = args.malloc_conf
     with servers.ours(args.bundle, workdir, probe, extra_env=server_env) as server:
         idle_p50 = single_latency_ms(server.url, probe, 20)
         # 256 closed-loop clients: where our throughput peaks (docs/benchmarks.md).
@@ -152,6 +156,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 and recovered_after <= 5
             )
         else:
+            # This machine's speed drifts by 10-20%, at times more, within minutes: saturation
+            # measured again after the load tells a slow spell during the soak (or a
+            # calibration on a fast one) from a service that slowed down. Reported, not judged.
+            time.sleep(5)  # the connections wrk dropped are answered first
+            after = run_wrk(server.url, work.single, 256, args.calibrate).ok_per_s
+            result.update(
+                saturation_after_per_s=round(after, 1),
+                offered_x_saturation_after=round(offered / after, 2),
+            )
             # One sample can land on a batch in flight (up to 150 MB of tensors); the medians of
             # the first and last minutes' 60 samples cannot, and a leak moves them just the same.
             first = window_median(rss.samples, RSS_EVERY_S, 60, last=False)
@@ -189,6 +202,11 @@ def main() -> int:
         default=None,
         help="a malloc library for the server's LD_PRELOAD, e.g. "
         "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 (Debian: libjemalloc2)",
+    )
+    parser.add_argument(
+        "--malloc-conf",
+        default=None,
+        help="jemalloc's MALLOC_CONF for the server, e.g. oversize_threshold:0 (the container's)",
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

@@ -141,6 +141,8 @@ def test_the_allocator_comparison_runs_every_setting_on_the_same_batches(
         batches=50,
         reviews=40,
         cache_dir=tmp_path / "cache",
+        only=None,
+        rounds=1,
     )
     comparison = allocator.compare(args)
     assert list(comparison["settings"]) == list(allocator.SETTINGS)
@@ -148,8 +150,18 @@ def test_the_allocator_comparison_runs_every_setting_on_the_same_batches(
         assert setting["model_s"] > 0
         assert len(setting["rss_mb"]) == 1 + 50 // allocator.SAMPLE_EVERY
         assert all(100 < mb < 5000 for mb in setting["rss_mb"])
-    assert comparison["settings"]["glibc default"]["model_time_vs_default"] == 1.0
+    assert comparison["baseline"] == "glibc default"
+    assert comparison["settings"]["glibc default"]["model_time_vs_baseline"] == 1.0
     assert allocator.table(comparison).count("\n") == 1 + len(allocator.SETTINGS)
+
+    # Two settings, two rounds each: the first named is the baseline, times are medians.
+    args.only, args.rounds = ["mmap threshold 1 MB", "2 arenas"], 2
+    two = allocator.compare(args)
+    assert list(two["settings"]) == args.only
+    assert two["baseline"] == "mmap threshold 1 MB"
+    for setting in two["settings"].values():
+        assert len(setting["model_s_rounds"]) == 2
+        assert setting["model_s"] == pytest.approx(sum(setting["model_s_rounds"]) / 2, abs=0.01)
 
 
 def test_soak_memory_is_judged_on_the_medians_of_whole_minutes():
