@@ -1,7 +1,12 @@
-"""A real uvicorn server on 127.0.0.1 serving the tiny bundle that the training CLI exports."""
+"""A real uvicorn server on 127.0.0.1 serving the tiny bundle that the training CLI exports:
+in a thread of the test process, or as its own `python -m service` process."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +57,50 @@ def serve(bundle: Path, **overrides: Any) -> Iterator[RunningServer]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def service_process(bundle: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m service` on a free port with extra environment, once it is ready: the
+    process (its output merged into stdout) and its URL. Killed on exit if still running."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SENTIMENT_MODEL_DIR": str(bundle.parent),
+        "SENTIMENT_MODEL_NAME": bundle.name,
+        "SENTIMENT_PORT": str(port),
+        **env,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "service did not become ready"
+            time.sleep(0.1)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 @pytest.fixture(scope="module")

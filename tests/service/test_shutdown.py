@@ -5,57 +5,25 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
+from tests.service.conftest import service_process
 from tests.service.test_app import metric_at
 
 QUEUED = 40
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_sigterm_answers_every_accepted_request(trained_bundle: Path):
-    port = _free_port()
-    env = {
-        **os.environ,
-        "SENTIMENT_MODEL_DIR": str(trained_bundle.parent),
-        "SENTIMENT_MODEL_NAME": trained_bundle.name,
-        "SENTIMENT_PORT": str(port),
-        # A long batching window: the requests are still queued when SIGTERM arrives.
-        "SENTIMENT_MAX_WAIT_MS": "1000",
-        "SENTIMENT_MAX_BATCH_SIZE": "64",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "service did not become ready"
-            time.sleep(0.1)
+    # A long batching window: the requests are still queued when SIGTERM arrives.
+    with service_process(
+        trained_bundle, SENTIMENT_MAX_WAIT_MS="1000", SENTIMENT_MAX_BATCH_SIZE="64"
+    ) as (process, url):
 
-        async def scenario() -> list[int]:
+        async def scenario() -> tuple[list[object], list[int]]:
             async with httpx.AsyncClient(base_url=url, timeout=30) as client:
                 pending = [
                     asyncio.ensure_future(client.post("/predict", json={"inputs": f"great {i}"}))
@@ -80,10 +48,6 @@ def test_sigterm_answers_every_accepted_request(trained_bundle: Path):
         assert process.returncode in (0, -signal.SIGTERM), output
         assert "draining" in output
         assert "batcher drained and stopped" in output
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
 
 def test_an_unusable_bundle_stops_the_service_with_a_clear_message(tmp_path: Path):
