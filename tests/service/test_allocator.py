@@ -1,13 +1,27 @@
 import ctypes.util
+import glob
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.allocator import can_release, limit_arenas, release_free_memory
-from tests.service.conftest import serve
+from tests.service.conftest import serve, service_process
+
+ROOT = Path(__file__).resolve().parents[2]
+# Where the Makefile's serve target looks for it.
+JEMALLOC = next(
+    iter(
+        glob.glob("/usr/lib/*/libjemalloc.so.2")
+        + glob.glob("/usr/lib64/libjemalloc.so.2")
+        + glob.glob("/usr/lib/libjemalloc.so.2")
+    ),
+    None,
+)
 
 glibc = pytest.mark.skipif(
     ctypes.util.find_library("c") is None or "libc.so.6" not in ctypes.util.find_library("c"),
@@ -73,3 +87,34 @@ def test_the_server_hands_free_memory_back_on_its_inference_thread(
     assert len(trims) >= 3
     assert {r.threadName.split("_")[0] for r in trims} == {"inference"}
     assert len(caplog.records) == during  # stopped with the server
+
+
+@pytest.mark.skipif(JEMALLOC is None, reason="jemalloc is not installed (Debian: libjemalloc2)")
+def test_the_service_on_jemalloc_with_the_containers_settings_answers_as_on_glibc(
+    trained_bundle: Path,
+) -> None:
+    [malloc_conf] = re.findall(r"MALLOC_CONF=(\S+)", (ROOT / "Dockerfile").read_text())
+    body = {
+        "inputs": ["a fine film", "dull and far too long " * 40, "a joy", "not good at all"],
+        "truncate": True,
+    }
+
+    def scores(url: str) -> list[list[dict[str, object]]]:
+        answer = httpx.post(f"{url}/predict", json=body, timeout=30)
+        assert answer.status_code == 200, answer.text
+        result: list[list[dict[str, object]]] = answer.json()
+        return result
+
+    with service_process(trained_bundle) as (_, url):
+        on_glibc = scores(url)
+    with service_process(trained_bundle, LD_PRELOAD=JEMALLOC, MALLOC_CONF=malloc_conf) as (
+        process,
+        url,
+    ):
+        assert "libjemalloc" in Path(f"/proc/{process.pid}/maps").read_text()
+        on_jemalloc = scores(url)
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    assert on_jemalloc == on_glibc
+    assert "jemalloc is preloaded" in output
+    assert "<jemalloc>" not in output  # jemalloc reports a bad MALLOC_CONF on stderr
