@@ -105,7 +105,7 @@ def test_the_service_on_jemalloc_with_the_containers_settings_answers_as_on_glib
         result: list[list[dict[str, object]]] = answer.json()
         return result
 
-    with service_process(trained_bundle) as (_, url):
+    with service_process(trained_bundle, LD_PRELOAD="") as (_, url):
         on_glibc = scores(url)
     with service_process(trained_bundle, LD_PRELOAD=JEMALLOC, MALLOC_CONF=malloc_conf) as (
         process,
