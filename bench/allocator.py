@@ -15,7 +15,7 @@ service's default under glibc: ``malloc_trim`` on the inference thread, between 
 time counted as model time); a fixed 1 MB mmap threshold (every larger tensor goes back to the
 kernel when freed); and jemalloc preloaded, at its default settings and with
 ``oversize_threshold:0`` (no dedicated arena for large allocations: they share the per-thread
-arenas and their cached pages; the container's setting). The jemalloc settings are skipped where
+arenas and their cached pages). The jemalloc settings are skipped where
 it is not installed (Debian: libjemalloc2).
 """
 

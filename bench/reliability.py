@@ -206,7 +206,7 @@ def main() -> int:
     parser.add_argument(
         "--malloc-conf",
         default=None,
-        help="jemalloc's MALLOC_CONF for the server, e.g. oversize_threshold:0 (the container's)",
+        help="jemalloc's MALLOC_CONF for the server, e.g. oversize_threshold:0",
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """The benchmark's parts against real things: wrk driving a real `python -m service` process on
-the tiny exported bundle, one miniature sitting of the whole suite, and the allocator comparison
-in miniature."""
+the tiny exported bundle, one miniature sitting of the whole suite, and the allocator
+comparisons (in-process and at the server) in miniature."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import allocator, reliability, report, servers
+from bench import allocator, allocator_server, reliability, report, servers
 from bench.loadgen import run_wrk, wrk_available
 from bench.suite import Options, Plan, run
 
@@ -162,6 +162,30 @@ def test_the_allocator_comparison_runs_every_setting_on_the_same_batches(
     for setting in two["settings"].values():
         assert len(setting["model_s_rounds"]) == 2
         assert setting["model_s"] == pytest.approx(sum(setting["model_s_rounds"]) / 2, abs=0.01)
+
+
+@needs_wrk
+@pytest.mark.slow
+def test_the_server_allocator_comparison_runs_each_setting_on_its_allocator(
+    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
+):
+    args = argparse.Namespace(
+        bundle=trained_bundle,
+        data=str(imdb_tarball),
+        rounds=1,
+        seconds=1.0,
+        reviews=20,
+        cache_dir=tmp_path / "cache",
+    )
+    comparison = allocator_server.compare(args)
+    settings = comparison["settings"]
+    assert list(settings) == list(allocator_server.SETTINGS)
+    for name, setting in settings.items():
+        assert len(setting["requests_per_s"]) == 1
+        assert setting["median_per_s"] > 0
+        assert setting["allocator_mapped"] == ["jemalloc" if "jemalloc" in name else "glibc"]
+    assert settings["glibc, as the service tunes it"]["vs_glibc"] == 1.0
+    assert allocator_server.table(comparison).count("\n") == 1 + len(settings)
 
 
 def test_soak_memory_is_judged_on_the_medians_of_whole_minutes():
