@@ -30,11 +30,12 @@ install: $(BIN)/.installed
 
 # Serves models/$(SENTIMENT_MODEL_NAME) (default imdb-bigru) on 127.0.0.1:8000; every
 # SENTIMENT_* variable in the environment applies (see README). On jemalloc when it is installed
-# (Debian: libjemalloc2), as in the container: at the same speed, the server's memory drifts
-# under load less often than on glibc (docs/reliability.md). `make serve JEMALLOC=` keeps glibc.
+# (Debian: libjemalloc2), as in the container: the server's memory stays flat under load where
+# glibc's drifts, for about 0.9x of the throughput (docs/reliability.md). `make serve JEMALLOC=`
+# keeps glibc.
 JEMALLOC ?= $(firstword $(wildcard /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2))
 serve: install-serve
-	$(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC) MALLOC_CONF="$${MALLOC_CONF:-oversize_threshold:0}") $(BIN)/python -m service
+	$(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) $(BIN)/python -m service
 
 lint: install
 	$(BIN)/ruff check .

@@ -8,7 +8,7 @@ while request handling allocates Python objects of every size in the same heaps,
 memory climbs by a batch's working set or more and drifts with fragmentation. In the service's
 soaks (docs/reliability.md, "Soak") it moved by 10-19% in ten minutes in some runs and not in
 others, while the memory the service actually held stayed flat; with jemalloc preloaded
-(``LD_PRELOAD``, as the container and ``make serve`` do) it drifted less often. This module
+(``LD_PRELOAD``, as the container and ``make serve`` do) it stayed flat. This module
 leaves a preloaded allocator alone. Under glibc, two remedies, both on by default:
 - ``limit_arenas``: at most N arenas for the threads created from now on (the same as
   ``MALLOC_ARENA_MAX``, which wins when set).
