@@ -11,11 +11,45 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.app import create_app
 from service.config import Settings
+from service.errors import BundleError
 
 log = logging.getLogger("service")
+
+
+class BriefBundleFailure:
+    """Starlette reports a failed startup to uvicorn with the whole traceback. A bundle that
+    cannot be served is the operator's to fix, and the lifespan has already named the problem
+    in one line, so uvicorn hears only that startup failed. Any other failure keeps its
+    traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        held: list[Message] = []
+
+        async def hold_startup_failure(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                held.append(message)  # sent once the exception behind it is known
+            else:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, hold_startup_failure)
+        except BundleError:
+            await send({"type": "lifespan.startup.failed", "message": ""})
+            raise
+        except BaseException:
+            for message in held:
+                await send(message)
+            raise
 
 
 class DrainingServer(uvicorn.Server):
@@ -58,7 +92,7 @@ def main() -> int:
     app = create_app(settings)
     # One worker per process by design: the batcher can only merge requests it sees.
     config = uvicorn.Config(
-        app,
+        BriefBundleFailure(app),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

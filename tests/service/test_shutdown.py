@@ -1,18 +1,28 @@
-"""`python -m service` as a real process: SIGTERM with requests queued loses none of them."""
+"""`python -m service` as a real process: SIGTERM with requests queued loses none of them; an
+unusable bundle or bad settings stop it at start with one clear message."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.types import Message
 
+from service.__main__ import BriefBundleFailure
+from service.errors import BundleError
 from tests.service.conftest import service_process
 from tests.service.test_app import metric_at
+from training.tokenizer import train_tokenizer
 
 QUEUED = 40
 
@@ -50,13 +60,79 @@ def test_sigterm_answers_every_accepted_request(trained_bundle: Path):
         assert "batcher drained and stopped" in output
 
 
-def test_an_unusable_bundle_stops_the_service_with_a_clear_message(tmp_path: Path):
-    env = {**os.environ, "SENTIMENT_MODEL_DIR": str(tmp_path), "SENTIMENT_PORT": "0"}
+def _missing(bundle: Path) -> None:
+    shutil.rmtree(bundle)
+
+
+def _corrupt(bundle: Path) -> None:
+    (bundle / "model.pt").write_bytes(b"PK\x03\x04 not really a zip")
+
+
+def _mismatched(bundle: Path) -> None:
+    words = " ".join(f"word{i}" for i in range(5000))
+    train_tokenizer([words], vocab_size=10_000, min_count=1).save(str(bundle / "tokenizer.json"))
+
+
+@pytest.mark.parametrize(
+    ("break_bundle", "message"),
+    [
+        (_missing, "cannot serve: model bundle not found"),
+        (_corrupt, "is not a loadable TorchScript file"),
+        (_mismatched, "do not match"),
+    ],
+    ids=["missing", "corrupt", "tokenizer-larger-than-embeddings"],
+)
+def test_an_unusable_bundle_stops_the_service_with_one_clear_message(
+    trained_bundle: Path, tmp_path: Path, break_bundle: Callable[[Path], None], message: str
+):
+    shutil.copytree(trained_bundle, tmp_path / "models" / "broken")
+    break_bundle(tmp_path / "models" / "broken")
+    env = {
+        **os.environ,
+        "SENTIMENT_MODEL_DIR": str(tmp_path / "models"),
+        "SENTIMENT_MODEL_NAME": "broken",
+        "SENTIMENT_PORT": "0",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60
     )
-    assert result.returncode != 0
-    assert "cannot serve: model bundle not found" in result.stderr
+    assert result.returncode == 3, result.stderr  # uvicorn's code for a failed startup
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 2, result.stderr  # the problem, then uvicorn's "startup failed"
+    assert message in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def _lifespan_app(fault: BaseException) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        raise fault
+        yield
+
+    return Starlette(lifespan=lifespan)
+
+
+@pytest.mark.parametrize(
+    ("fault", "traceback_sent"),
+    [(BundleError("no bundle"), False), (RuntimeError("a bug"), True)],
+    ids=["bundle", "other"],
+)
+def test_only_a_bundle_failure_reaches_uvicorn_without_its_traceback(
+    fault: BaseException, traceback_sent: bool
+):
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    app = BriefBundleFailure(_lifespan_app(fault))
+    with pytest.raises(type(fault)):
+        asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert ("Traceback" in sent[0]["message"]) is traceback_sent
 
 
 def test_invalid_settings_are_refused_before_start():
