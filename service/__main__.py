@@ -43,11 +43,10 @@ class BriefBundleFailure:
 
         try:
             await self.app(scope, receive, hold_startup_failure)
-        except BundleError:
-            await send({"type": "lifespan.startup.failed", "message": ""})
-            raise
-        except BaseException:
+        except BaseException as exc:
             for message in held:
+                if isinstance(exc, BundleError):
+                    message = {**message, "message": ""}
                 await send(message)
             raise
 
