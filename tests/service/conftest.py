@@ -20,6 +20,7 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
+from training.tokenizer import train_tokenizer
 
 
 class RunningServer:
@@ -57,6 +58,16 @@ def serve(bundle: Path, **overrides: Any) -> Iterator[RunningServer]:
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+def corrupt_model_file(bundle: Path) -> None:
+    (bundle / "model.pt").write_bytes(b"PK\x03\x04 not really a zip")
+
+
+def oversize_tokenizer(bundle: Path) -> None:
+    """A tokenizer with more ids than the bundle's embedding table has rows."""
+    words = " ".join(f"word{i}" for i in range(5000))
+    train_tokenizer([words], vocab_size=10_000, min_count=1).save(str(bundle / "tokenizer.json"))
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from service.errors import BundleError
 from service.runtime import ModelRuntime
-from training.tokenizer import train_tokenizer
+from tests.service.conftest import corrupt_model_file, oversize_tokenizer
 
 TEXTS = ["A great, moving film.", "Dull and clumsy, a waste.", "naïve Amélie 😀 " * 30]
 
@@ -78,7 +78,7 @@ def test_missing_bundle_and_missing_files(trained_bundle: Path, tmp_path: Path):
 
 def test_corrupt_model_file(trained_bundle: Path, tmp_path: Path):
     broken = _copy(trained_bundle, tmp_path)
-    (broken / "model.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    corrupt_model_file(broken)
     with pytest.raises(BundleError, match="not a loadable TorchScript file"):
         ModelRuntime.load(broken, "cpu")
 
@@ -96,9 +96,7 @@ def test_corrupt_or_foreign_card(trained_bundle: Path, tmp_path: Path):
 
 def test_tokenizer_larger_than_the_embedding_table(trained_bundle: Path, tmp_path: Path):
     broken = _copy(trained_bundle, tmp_path)
-    words = [f"word{i}" for i in range(5000)]
-    bigger = train_tokenizer([" ".join(words)], vocab_size=10_000, min_count=1)
-    bigger.save(str(broken / "tokenizer.json"))
+    oversize_tokenizer(broken)
     with pytest.raises(BundleError, match="do not match"):
         ModelRuntime.load(broken, "cpu")
 

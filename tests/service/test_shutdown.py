@@ -20,9 +20,8 @@ from starlette.types import Message
 
 from service.__main__ import BriefBundleFailure
 from service.errors import BundleError
-from tests.service.conftest import service_process
+from tests.service.conftest import corrupt_model_file, oversize_tokenizer, service_process
 from tests.service.test_app import metric_at
-from training.tokenizer import train_tokenizer
 
 QUEUED = 40
 
@@ -64,21 +63,12 @@ def _missing(bundle: Path) -> None:
     shutil.rmtree(bundle)
 
 
-def _corrupt(bundle: Path) -> None:
-    (bundle / "model.pt").write_bytes(b"PK\x03\x04 not really a zip")
-
-
-def _mismatched(bundle: Path) -> None:
-    words = " ".join(f"word{i}" for i in range(5000))
-    train_tokenizer([words], vocab_size=10_000, min_count=1).save(str(bundle / "tokenizer.json"))
-
-
 @pytest.mark.parametrize(
     ("break_bundle", "message"),
     [
         (_missing, "cannot serve: model bundle not found"),
-        (_corrupt, "is not a loadable TorchScript file"),
-        (_mismatched, "do not match"),
+        (corrupt_model_file, "is not a loadable TorchScript file"),
+        (oversize_tokenizer, "do not match"),
     ],
     ids=["missing", "corrupt", "tokenizer-larger-than-embeddings"],
 )
