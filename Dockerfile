@@ -31,19 +31,15 @@ RUN set -eu; \
     /opt/venv/bin/pip install --no-cache-dir /build
 
 FROM ${PYTHON_IMAGE}
-# jemalloc, at its default settings, in place of glibc's malloc: under batches of every size
-# glibc's heap fragments and the server's memory drifts; jemalloc's stayed flat in every soak,
-# for about 0.9x of glibc's throughput (docs/reliability.md, "Soak"). The link gives LD_PRELOAD
-# one path on every architecture.
+# jemalloc: `python -m service` finds it and runs itself on it (service/allocator.py). Under
+# batches of every size glibc's heap fragments and the server's memory drifts; jemalloc's stayed
+# flat in every soak (docs/reliability.md, "Memory").
 # hadolint ignore=DL3008
 RUN set -eu; \
     apt-get update; \
     apt-get install -y --no-install-recommends libjemalloc2; \
-    rm -rf /var/lib/apt/lists/*; \
-    ln -s "$(find /usr/lib -name libjemalloc.so.2 -print -quit)" /usr/local/lib/libjemalloc.so.2; \
-    test -e /usr/local/lib/libjemalloc.so.2
-ENV LD_PRELOAD=/usr/local/lib/libjemalloc.so.2 \
-    PATH=/opt/venv/bin:$PATH \
+    rm -rf /var/lib/apt/lists/*
+ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     SENTIMENT_HOST=0.0.0.0 \

@@ -29,13 +29,10 @@ install-serve: $(BIN)/.installed-serve
 install: $(BIN)/.installed
 
 # Serves models/$(SENTIMENT_MODEL_NAME) (default imdb-bigru) on 127.0.0.1:8000; every
-# SENTIMENT_* variable in the environment applies (see README). On jemalloc when it is installed
-# (Debian: libjemalloc2), as in the container: the server's memory stays flat under load where
-# glibc's drifts, for about 0.9x of the throughput (docs/reliability.md). `make serve JEMALLOC=`
-# keeps glibc.
-JEMALLOC ?= $(firstword $(wildcard /usr/lib/*/libjemalloc.so.2 /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2))
+# SENTIMENT_* variable in the environment applies (see README). The service runs itself on
+# jemalloc where it is installed (Debian: libjemalloc2), as in the container.
 serve: install-serve
-	$(if $(JEMALLOC),LD_PRELOAD=$(JEMALLOC)) $(BIN)/python -m service
+	$(BIN)/python -m service
 
 lint: install
 	$(BIN)/ruff check .

@@ -11,7 +11,6 @@ sorted by length first: the most a batcher's length grouping could gain).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -29,7 +28,7 @@ from torch import nn
 
 from service.runtime import ModelRuntime
 from training.batches import pad_batch, predict_logits
-from training.config import ModelConfig, default_data_source
+from training.config import default_data_source
 from training.data import load_imdb
 from training.model import SentimentRNN
 
@@ -107,12 +106,8 @@ def thread_lever(
 
 def eager_model(runtime: ModelRuntime) -> SentimentRNN:
     """The bundle's network as an eager module (quantisation works on eager modules only)."""
-    arch = runtime.card["architecture"]
-    cfg = ModelConfig(**{f.name: arch[f.name] for f in dataclasses.fields(ModelConfig)})
-    shape = (int(arch["vocab_size"]), int(arch["embed_dim"]))
-    model = SentimentRNN(cfg, np.zeros(shape, dtype=np.float32))
-    model.load_state_dict(runtime.model.state_dict())
-    return model.eval()
+    architecture = runtime.card.architecture.model_dump()
+    return SentimentRNN.from_card(architecture, runtime.model.state_dict())
 
 
 def int8_lever(

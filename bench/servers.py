@@ -1,7 +1,8 @@
 """Start the servers under test as child processes on 127.0.0.1 and stop them again: ours
 (batched or not) and the peers, LitServe and TorchServe, each from its own virtual environment.
 
-A server counts as ready when it answers a real prediction request with 200.
+A server counts as ready when it answers a real prediction request with 200. ``free_port`` and
+``wait_until_ready`` are also the tests' helpers.
 """
 
 from __future__ import annotations
@@ -14,19 +15,24 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
 
+from service.bundle import CARD_FILE, MODEL_FILE, TOKENIZER_FILE
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(__file__).with_name("peers")
+# What the peer server needs, and what ``service.runtime`` (bundle reading included) needs.
+RUNTIME_PACKAGES = ["numpy", "tokenizers", "pydantic"]
 PEER_PACKAGES = {
-    "litserve": ["litserve", "numpy", "tokenizers"],
-    "torchserve": ["torchserve", "torch-model-archiver", "numpy", "tokenizers"],
+    "litserve": ["litserve", *RUNTIME_PACKAGES],
+    "torchserve": ["torchserve", "torch-model-archiver", *RUNTIME_PACKAGES],
 }
 
 
@@ -65,6 +71,11 @@ def rss_mb(pid: int) -> float:
     return total
 
 
+def maps_jemalloc(pid: int) -> bool:
+    """Whether the process runs on jemalloc (the service does where it is installed)."""
+    return "libjemalloc" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def _children(pid: int) -> list[int]:
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -73,21 +84,26 @@ def _children(pid: int) -> list[int]:
     return [int(k) for k in kids] + [g for k in kids for g in _children(int(k))]
 
 
-def _wait_ready(server: Server, body: bytes, timeout_s: float) -> None:
+def wait_until_ready(
+    ready: Callable[[], bool], alive: Callable[[], bool], timeout_s: float, what: str
+) -> None:
+    """Poll ``ready`` until it holds; ``ServerError`` once ``alive`` does not, or after
+    ``timeout_s``. The one readiness wait of the benchmark and the tests."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise ServerError(f"{server.name} exited early; see {server.log}")
-        try:
-            response = httpx.post(
-                server.url, content=body, headers={"content-type": "application/json"}, timeout=5
-            )
-            if response.status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise ServerError(f"{server.name} not ready after {timeout_s:.0f} s; see {server.log}")
+    while not ready():
+        if not alive():
+            raise ServerError(f"{what} stopped before it was ready")
+        if time.monotonic() > deadline:
+            raise ServerError(f"{what} not ready after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def answers(method: str, url: str, statuses: tuple[int, ...] = (200,), **kwargs: Any) -> bool:
+    """True if ``url`` answers with one of ``statuses``; False otherwise or if it does not."""
+    try:
+        return httpx.request(method, url, timeout=5, **kwargs).status_code in statuses
+    except httpx.TransportError:
+        return False
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -119,7 +135,13 @@ def _serve(
         )
     server = Server(name, url, process, log)
     try:
-        _wait_ready(server, probe, timeout_s=240)
+        headers = {"content-type": "application/json"}
+        wait_until_ready(
+            lambda: answers("POST", url, content=probe, headers=headers),
+            lambda: process.poll() is None,
+            timeout_s=240,
+            what=f"{name} (log: {log})",
+        )
         yield server
     finally:
         _stop(process)
@@ -158,16 +180,17 @@ def peer_python(venv_root: Path, peer: str, torch_pip_args: list[str]) -> Path:
     venv = venv_root / peer
     marker = venv / ".bench-installed"
     python = venv / "bin" / "python"
-    if marker.exists():
+    torch_spec = "torch==" + torch.__version__.split("+")[0]
+    wanted = " ".join([torch_spec, *PEER_PACKAGES[peer]]) + "\n"
+    if marker.exists() and marker.read_text() == wanted:
         return python
     shutil.rmtree(venv, ignore_errors=True)
     print(f"creating {venv} (pip install {' '.join(PEER_PACKAGES[peer])})", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "--quiet"]
-    torch_spec = "torch==" + torch.__version__.split("+")[0]
     subprocess.run([*pip, torch_spec, *torch_pip_args], check=True)
     subprocess.run([*pip, *PEER_PACKAGES[peer]], check=True)
-    marker.write_text(torch_spec + "\n")
+    marker.write_text(wanted)
     return python
 
 
@@ -220,9 +243,9 @@ def torchserve(
             str(bin_dir / "torch-model-archiver"),
             "--model-name=sentiment",
             "--version=1.0",
-            f"--serialized-file={bundle / 'model.pt'}",
+            f"--serialized-file={bundle / MODEL_FILE}",
             f"--handler={PEERS / 'torchserve_handler.py'}",
-            f"--extra-files={bundle / 'tokenizer.json'},{bundle / 'card.json'}",
+            f"--extra-files={bundle / TOKENIZER_FILE},{bundle / CARD_FILE}",
             f"--config-file={workdir / 'model-config.yaml'}",
             f"--export-path={store}",
             "--force",

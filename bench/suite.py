@@ -152,8 +152,8 @@ def run(options: Options) -> dict[str, Any]:
         "reviews": len(seqs),
         "tokens_mean": round(float(lengths.mean()), 1),
         "tokens_p50_p90_max": [int(np.percentile(lengths, p)) for p in (50, 90, 100)],
-        "model": runtime.name,
-        "parameters": runtime.card.get("parameters"),
+        "model": runtime.card.name,
+        "parameters": runtime.card.parameters,
     }
 
     print("limit: in-process TorchScript, no HTTP", flush=True)

@@ -127,7 +127,7 @@ main() {
   [ "$health" = healthy ] || { log "api never became healthy ($health)"; exit 1; }
   log "api healthy; user $(docker inspect -f '{{.Config.User}}' "$container"), read-only root $(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$container")"
   docker exec "$container" grep -q libjemalloc /proc/1/maps \
-    || { log "the server does not run on jemalloc (LD_PRELOAD)"; exit 1; }
+    || { log "the server does not run on jemalloc"; exit 1; }
   log "api runs on jemalloc"
 
   local answer

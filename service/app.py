@@ -1,8 +1,9 @@
-"""The FastAPI app: ``create_app(settings)`` wires settings, runtime, batcher, metrics and routes.
+"""The FastAPI app: ``create_app(settings)`` wires settings, runtime, batcher, metrics, routes
+and error handlers. Nothing loads at import time.
 
-Nothing loads at import time. The lifespan loads and warms the model, starts the batcher (and the
-task that hands free memory back to the kernel), and on shutdown stops taking work, finishes
-every accepted request and stops the batcher.
+The lifespan loads the model (unless ``python -m service`` has already loaded and checked it),
+warms it, starts the batcher, and on shutdown, once uvicorn has answered the requests in flight,
+stops the batcher, which answers everything it still holds first.
 """
 
 from __future__ import annotations
@@ -10,87 +11,57 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.allocator import can_release, limit_arenas, release_periodically
 from service.batcher import DynamicBatcher
 from service.config import Settings
-from service.errors import STATUS, BundleError, ErrorType, ServiceError
+from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_response
 from service.pipeline import Predictor
+from service.routes import router
 from service.runtime import ModelRuntime
-from service.schemas import (
-    BatchSettings,
-    ErrorResponse,
-    HealthResponse,
-    InfoResponse,
-    PredictRequest,
-    PredictResponse,
-    TruncationRule,
-)
 
 log = logging.getLogger("service")
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in sorted(set(STATUS.values()))
-}
 
-
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.malloc_arena_max:  # before the inference and torch threads exist
-            limit_arenas(settings.malloc_arena_max)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        try:
-            runtime = ModelRuntime.load(settings.bundle_dir, settings.device)
-        except BundleError as exc:
-            log.error("cannot serve: %s", exc)
-            raise
+        model = runtime or ModelRuntime.load(settings.bundle_dir, settings.device)
+        if settings.warmup:
+            await asyncio.to_thread(model.warmup, (1, settings.max_batch_size))
         batcher = DynamicBatcher(
-            runtime.infer,
+            model.infer,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue_texts,
             metrics=metrics,
         )
-        if settings.warmup:
-            await batcher.run_in_worker(runtime.warmup, (1, settings.max_batch_size))
         await batcher.start()
-        releaser = None
-        if settings.malloc_trim_interval_s and can_release():
-            releaser = asyncio.create_task(
-                release_periodically(settings.malloc_trim_interval_s, batcher.run_in_worker),
-                name="malloc-trim",
-            )
-        predictor = Predictor(runtime, batcher, settings, metrics)
-        metrics.model_info.labels(runtime.name, runtime.version, str(runtime.device)).set(1)
+        predictor = Predictor(model, batcher, settings, metrics)
+        card = model.card
+        metrics.model_info.labels(card.name, card.version, str(model.device)).set(1)
         app.state.predictor = predictor
-        app.state.ready = True
-        log.info("serving %s %s on %s", runtime.name, runtime.version, runtime.device)
+        log.info("serving %s %s on %s", card.name, card.version, model.device)
         try:
             yield
         finally:
-            app.state.ready = False
-            if releaser is not None:
-                releaser.cancel()
-                with suppress(asyncio.CancelledError):
-                    await releaser
+            app.state.predictor = None
             await batcher.stop()  # answers everything already queued first
             predictor.close()
             log.info("batcher drained and stopped")
@@ -101,11 +72,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.state.ready = False
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.predictor = None
+    app.include_router(router)
     _register_errors(app, metrics)
-    _register_routes(app, settings, metrics)
     # Added innermost first: metrics see every answer, CORS answers preflights before auth,
     # and no body is read for a request that auth refuses.
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, paths=frozenset({"/predict"}))
@@ -119,113 +90,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    paths = frozenset(getattr(route, "path", "") for route in app.routes)
+    # Route templates for the request metrics (FastAPI nests an included router's routes).
+    paths = frozenset(getattr(r, "path", "") for r in (*app.routes, *router.routes)) - {""}
     app.add_middleware(HttpMetrics, metrics=metrics, paths=paths)  # outermost: sees every answer
     return app
 
 
-def _register_routes(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
-    @app.post(
-        "/predict",
-        response_model=PredictResponse,
-        responses=ERROR_RESPONSES,
-        summary="Score the polarity of one text or a list of texts",
-    )
-    async def predict(body: PredictRequest, request: Request) -> Response:
-        predictor = _predictor(request)
-        prediction = await predictor.predict(
-            body.texts,
-            truncate=body.truncate,
-            function=body.parameters.function_to_apply,
-            top_k=body.parameters.top_k,
-            disconnected=lambda: _disconnect(request),
-        )
-        content = prediction.scores[0] if isinstance(body.inputs, str) else prediction.scores
-        total_ms = (prediction.tokenization_s + prediction.queue_s + prediction.inference_s) * 1e3
-        return JSONResponse(
-            content,
-            headers={
-                "x-tokenization-time": f"{prediction.tokenization_s * 1e3:.3f}",
-                "x-queue-time": f"{prediction.queue_s * 1e3:.3f}",
-                "x-inference-time": f"{prediction.inference_s * 1e3:.3f}",
-                "x-total-time": f"{total_ms:.3f}",
-                "x-compute-tokens": str(prediction.tokens),
-            },
-        )
-
-    @app.get("/health", response_model=HealthResponse, summary="Liveness: the process answers")
-    async def health() -> HealthResponse:
-        return HealthResponse(status="ok")
-
-    @app.get(
-        "/ready",
-        response_model=HealthResponse,
-        responses={503: {"model": ErrorResponse}},
-        summary="Readiness: the model is loaded and warmed, and the service is not draining",
-    )
-    async def ready(request: Request) -> HealthResponse:
-        if not request.app.state.ready or request.app.state.predictor.draining:
-            raise ServiceError(ErrorType.UNAVAILABLE, "the model is not ready or is draining")
-        return HealthResponse(status="ready")
-
-    @app.get(
-        "/info",
-        response_model=InfoResponse,
-        responses={503: {"model": ErrorResponse}},
-        summary="The served model and the batching settings",
-    )
-    async def info(request: Request) -> InfoResponse:
-        described = _predictor(request).runtime.describe()
-        return InfoResponse(
-            model_name=described["name"],
-            model_version=described["version"],
-            device=described["device"],
-            max_length=described["max_length"],
-            truncation=TruncationRule(**described["truncation"]),
-            labels=described["labels"],
-            temperature=described["temperature"],
-            parameters=described["parameters"],
-            architecture=described["architecture"],
-            metrics=described["metrics"],
-            batching=BatchSettings(
-                **settings.model_dump(
-                    include={
-                        "max_batch_size",
-                        "max_batch_tokens",
-                        "max_wait_ms",
-                        "max_queue_texts",
-                        "max_inputs_per_request",
-                        "request_timeout_s",
-                        "auto_truncate",
-                    }
-                )
-            ),
-        )
-
-    @app.get(
-        "/metrics",
-        summary="Prometheus metrics (text exposition format)",
-        response_class=PlainTextResponse,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
-    )
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-def _predictor(request: Request) -> Predictor:
-    if not request.app.state.ready:
-        raise ServiceError(ErrorType.UNAVAILABLE, "the model is not ready")
-    predictor: Predictor = request.app.state.predictor
-    return predictor
-
-
-async def _disconnect(request: Request) -> None:
-    """Returns once the client has gone away (the body has been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def _register_errors(app: FastAPI, metrics: Metrics) -> None:
+    """Every error becomes ``{"error", "error_type"}`` with the status of ``errors.STATUS``."""
+
     def answer(error: ServiceError) -> JSONResponse:
         metrics.failures.labels(error.error_type.value).inc()
         return error_response(error)

@@ -72,11 +72,6 @@ class DynamicBatcher:
     def depth(self) -> int:
         return len(self._pending)
 
-    async def run_in_worker(self, fn: Callable[..., object], *args: object) -> None:
-        """Run ``fn`` on the inference thread, between batches: the warm-up (the memory it
-        leaves for reuse then sits in the arena serving draws from) and ``malloc_trim``."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     async def start(self) -> None:
         self._accepting = True
         self._task = asyncio.create_task(self._loop(), name="batcher")

@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.bundle import resolve_device
+
 # Lists come from the environment as comma-separated text: SENTIMENT_CORS_ORIGINS=a,b
 CommaList = Annotated[list[str], NoDecode]
 
@@ -20,7 +22,9 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(Path("models"), description="model repository folder")
     model_name: str = Field("imdb-bigru", description="bundle to serve: <model_dir>/<model_name>/")
-    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N")
+    device: str = Field(
+        "auto", description="auto (CUDA when available), cpu, cuda or cuda:N; checked at start"
+    )
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -46,22 +50,13 @@ class Settings(BaseSettings):
         False, description="truncate over-long inputs when a request does not say 'truncate'"
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
-    malloc_arena_max: int = Field(
-        2,
-        ge=0,
-        description="glibc malloc arenas for the server's threads (0: glibc's default, 8 per "
-        "core); fewer arenas keep less freed memory between batches",
+    allocator: Literal["jemalloc", "system"] = Field(
+        "jemalloc",
+        description="jemalloc: `python -m service` runs itself on jemalloc where "
+        "libjemalloc.so.2 is installed (Debian: libjemalloc2), else on the C library's malloc "
+        "with a warning; system: the C library's malloc",
     )
-    malloc_trim_interval_s: float = Field(
-        5.0,
-        ge=0,
-        description="seconds between handing free malloc pages back to the kernel, on the "
-        "inference thread between batches (0: never; glibc only); without it resident memory "
-        "climbs to the worst arrangement of batches seen and stays there",
-    )
-    warmup: bool = Field(
-        True, description="run the model on a few batch shapes, on the inference thread, first"
-    )
+    warmup: bool = Field(True, description="run the model on a few batch shapes before serving")
     keep_alive_s: int = Field(
         5,
         ge=1,
@@ -83,6 +78,12 @@ class Settings(BaseSettings):
     cors_origins: CommaList = Field(
         default_factory=list, description="origins allowed by CORS; none: CORS off"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        resolve_device(value)  # a ValueError names what is wrong
+        return value
 
     @field_validator("api_keys", "auth_exempt_paths", "cors_origins", mode="before")
     @classmethod

@@ -57,7 +57,3 @@ class ServiceError(Exception):
     @property
     def status(self) -> int:
         return STATUS[self.error_type]
-
-
-class BundleError(Exception):
-    """The bundle cannot be served (missing, corrupt or inconsistent files): fatal at start."""

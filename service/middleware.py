@@ -149,7 +149,9 @@ class HttpMetrics:
     def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str]) -> None:
         self.app = app
         self.metrics = metrics
-        self.paths = paths  # the app's routes, for answers given before routing
+        # The app's route templates. None has path parameters, so a request's path is its
+        # template; anything else shares one label, so no client can grow the label set.
+        self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -167,9 +169,6 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            # A route template, never an arbitrary path: unknown paths share one label.
-            route = getattr(scope.get("route"), "path", None)
-            if route is None:
-                route = scope["path"] if scope["path"] in self.paths else "unmatched"
+            route = scope["path"] if scope["path"] in self.paths else "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)

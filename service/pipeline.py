@@ -25,6 +25,17 @@ class Prediction:
     queue_s: float  # the longest wait of any of its texts
     inference_s: float  # the longest batch any of its texts ran in
 
+    def headers(self) -> dict[str, str]:
+        """Where the time went, in milliseconds, as TEI's response headers say it."""
+        total_s = self.tokenization_s + self.queue_s + self.inference_s
+        return {
+            "x-tokenization-time": f"{self.tokenization_s * 1e3:.3f}",
+            "x-queue-time": f"{self.queue_s * 1e3:.3f}",
+            "x-inference-time": f"{self.inference_s * 1e3:.3f}",
+            "x-total-time": f"{total_s * 1e3:.3f}",
+            "x-compute-tokens": str(self.tokens),
+        }
+
 
 class Predictor:
     def __init__(
@@ -38,9 +49,6 @@ class Predictor:
         # inference, which has the batcher's thread.
         self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._admitted = 0  # texts between admission and answer: tokenising, queued or running
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.draining = False
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=True)
@@ -59,8 +67,6 @@ class Predictor:
                 ErrorType.TOO_MANY_INPUTS,
                 f"{len(texts)} inputs in one request; the limit is {limit}",
             )
-        if self.draining:
-            raise ServiceError(ErrorType.UNAVAILABLE, "the service is shutting down", retry_after=1)
         # Admission control at the door: a backlog must not build up before the batcher's queue
         # (in the tokeniser's queue, say), where no bound would see it.
         capacity = self.settings.max_queue_texts
@@ -71,18 +77,10 @@ class Predictor:
                 retry_after=1,
             )
         self._admitted += len(texts)
-        self._idle.clear()
         try:
             return await self._predict(texts, truncate, function, top_k, disconnected)
         finally:
             self._admitted -= len(texts)
-            if self._admitted == 0:
-                self._idle.set()
-
-    async def drain(self) -> None:
-        """Refuse new requests (503) and return once every admitted one has been answered."""
-        self.draining = True
-        await self._idle.wait()
 
     async def _predict(
         self,

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, field_validator
 
+from service.bundle import ModelSummary
+
 # A text must hold something besides white space. The schema states it as the pattern \S,
 # which clients read with ECMAScript's meaning of white space; the validator below uses that
 # same set (Python's str.isspace() differs: it counts \x1c-\x1f, and not \ufeff).
@@ -85,8 +87,9 @@ class LabelScore(BaseModel):
     score: float
 
 
-# A single text answers a list of labels; a list of texts, a list of such lists.
-PredictResponse = list[LabelScore] | list[list[LabelScore]]
+# Always one list of labels per text, for a single text too: Hugging Face's text-classification
+# answer, which its InferenceClient reads as [[{label, score}, ...]] and unwraps once.
+PredictResponse = list[list[LabelScore]]
 
 
 class ErrorResponse(BaseModel):
@@ -96,14 +99,6 @@ class ErrorResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "ready"]
-
-
-class TruncationRule(BaseModel):
-    """A longer text keeps its first ``head`` and its last ``tail`` tokens."""
-
-    max_length: int
-    head: int
-    tail: int
 
 
 class BatchSettings(BaseModel):
@@ -119,14 +114,6 @@ class BatchSettings(BaseModel):
 class InfoResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
-    model_name: str
-    model_version: str
+    model: ModelSummary = Field(description="the served bundle's card, without its training run")
     device: str
-    max_length: int
-    truncation: TruncationRule
-    labels: list[str]
-    temperature: float
-    parameters: int | None
-    architecture: dict[str, Any] | None
-    metrics: dict[str, Any] | None
     batching: BatchSettings

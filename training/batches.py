@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from service.truncation import Truncation
-from training.tokenizer import PAD_ID
+from service.bundle import Truncation, pad
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -17,14 +16,9 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def pad_batch(
     seqs: Sequence[np.ndarray], truncation: Truncation
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad with <pad> after cutting each sequence by the bundle's truncation rule (the
-    service applies the same rule to what the exported tokenizer returns)."""
-    kept = [truncation.apply(s) for s in seqs]
-    lengths = np.array([len(s) for s in kept], dtype=np.int64)
-    ids = np.full((len(kept), max(1, int(lengths.max(initial=0)))), PAD_ID, dtype=np.int64)
-    for row, seq in enumerate(kept):
-        ids[row, : len(seq)] = seq
-    return torch.from_numpy(ids), torch.from_numpy(lengths)
+    """Cut each sequence by the bundle's truncation rule, then pad as the bundle's ``forward``
+    expects (the service applies the same rule to what the exported tokenizer returns)."""
+    return pad([truncation.apply(s) for s in seqs])
 
 
 def length_bucketed_batches(

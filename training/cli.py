@@ -1,4 +1,5 @@
-"""Command line: ``python -m training {prepare,train,evaluate}`` (also ``sentiment-train``).
+"""Command line: ``python -m training {prepare,train,evaluate,migrate}`` (also
+``sentiment-train``).
 
 Options are generated from the configuration dataclasses, so ``--help`` lists every
 hyper-parameter with its default and meaning.
@@ -99,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
         "round differently, which can flip a review on the decision boundary)",
     )
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    migrate = commands.add_parser(
+        "migrate",
+        formatter_class=fmt,
+        help="convert a bundle of an older format to the current one, in place",
+        description="Rewrite a format-2 bundle as the current format with the same weights: "
+        "the network is rebuilt from the card, checked against the old model.pt and exported "
+        "with every entry point verified.",
+    )
+    migrate.add_argument("bundle", type=Path, help="bundle folder, e.g. models/imdb-bigru")
+    migrate.set_defaults(handler=cmd_migrate)
     return parser
 
 
@@ -136,8 +148,9 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     # Imported here so that `--help` and `prepare` do not pay for torch's import.
     import torch
 
-    from training.bundle import CARD_FILE, MODEL_FILE, export_bundle
+    from service.bundle import CARD_FILE, MODEL_FILE
     from training.config import to_jsonable
+    from training.export import export_bundle
     from training.metrics import classification_metrics, fit_temperature, format_metrics
     from training.model import count_parameters
     from training.prepare import load_prepared, prepare, prepared_dir
@@ -194,11 +207,10 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
             "test_ece_before": raw_test["ece"],
             "test_ece_after": metrics["test"]["ece"],
         },
+        "truncation": truncation.model_dump(),
         "command": "python -m training " + shlex.join(argv),
     }
-    bundle = export_bundle(
-        model, prepared.tokenizer, truncation, cfg.models_dir / cfg.name, val.ids[:64], card
-    )
+    bundle = export_bundle(model, prepared.tokenizer, cfg.models_dir / cfg.name, val.ids[:64], card)
 
     size_mb = (bundle / MODEL_FILE).stat().st_size / 1e6
     log("")
@@ -216,6 +228,13 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace, argv: list[str]) -> int:
+    from training.migrate import migrate
+
+    migrate(args.bundle, log=log)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     from training.evaluate import evaluate_bundle
     from training.metrics import format_metrics
@@ -230,10 +249,10 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         args.batch_size,
     )
     log(format_metrics("test", metrics))
-    claimed = card.get("metrics", {}).get("test", {}).get("accuracy")
-    if claimed is None:
+    if "test" not in card.metrics:
         log("the card reports no test accuracy to compare with")
         return 0
+    claimed = card.metrics["test"].accuracy
     diff = abs(metrics["accuracy"] - claimed)
     verdict = "reproduced" if diff <= args.tolerance else "NOT reproduced"
     log(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from service.truncation import Truncation
+from service.bundle import Truncation
 from training.errors import ConfigError
 
 DEFAULT_LOCAL_TARBALL = Path("../shared/data/aclImdb_v1.tar.gz")
@@ -168,7 +168,8 @@ class TrainConfig:
 
     @property
     def truncation(self) -> Truncation:
-        return Truncation(self.max_len, self.max_len if self.head_len is None else self.head_len)
+        head = self.max_len if self.head_len is None else self.head_len
+        return Truncation.keep(self.max_len, head)
 
 
 def to_jsonable(config: Any) -> dict[str, Any]:

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from service.errors import BundleError
-from service.runtime import ModelRuntime
+from service import bundle
 from training.batches import predict_logits
 from training.data import load_imdb
 from training.errors import DataError
@@ -23,15 +22,17 @@ def evaluate_bundle(
     device: torch.device,
     data_sha256: str | None = None,
     batch_size: int = 256,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Test-set metrics of the bundle, and its card. The bundle is loaded by the service's own
-    loader and scored through its tokenizer and TorchScript file; nothing from the training run
-    or its cache is read."""
+) -> tuple[dict[str, Any], bundle.Card]:
+    """Test-set metrics of the bundle, and its card. The bundle is read through the contract
+    the service reads it with, and scored through its tokenizer and TorchScript file; nothing
+    from the training run or its cache is read."""
     try:
-        runtime = ModelRuntime.load(folder, str(device))
-    except BundleError as exc:
+        loaded = bundle.load(folder, device)
+    except bundle.BundleError as exc:
         raise DataError(str(exc)) from exc
     test = load_imdb(data, cache_dir, data_sha256)["test"]
-    ids = encode(runtime.tokenizer, test.texts)
-    logits = predict_logits(runtime.model, ids, runtime.truncation, batch_size, device, "evaluate")
-    return classification_metrics(test.labels, logits, runtime.temperature), runtime.card
+    ids = encode(loaded.tokenizer, test.texts)
+    truncation = loaded.card.truncation
+    logits = predict_logits(loaded.model, ids, truncation, batch_size, device, "evaluate")
+    metrics = classification_metrics(test.labels, logits, loaded.card.calibration.temperature)
+    return metrics, loaded.card

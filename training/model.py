@@ -2,7 +2,7 @@
 
 Written to compile with ``torch.jit.script``: the exported ``model.pt`` takes right-padded token
 ids ``[batch, time]`` (0 = <pad>) and their lengths ``[batch]`` and returns the POSITIVE logit per
-review.
+review; ``embed`` and ``forward_embedded`` are its two halves (``service.bundle`` format 3).
 
 Padding never changes a review's answer, without packed sequences: the forward direction reads
 each review from its start, so trailing padding comes after every state that is used; the
@@ -12,14 +12,15 @@ their backward pass on the CPU is about 8x slower than this.)
 """
 
 # No `from __future__ import annotations` here: TorchScript must see `Final` as a type.
-from typing import Final
+import dataclasses
+from typing import Any, Final
 
 import numpy as np
 import torch
 from torch import nn
 
+from service.bundle import PAD_ID
 from training.config import ModelConfig
-from training.tokenizer import PAD_ID
 
 _CELLS: dict[str, type[nn.RNN | nn.LSTM | nn.GRU]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -75,13 +76,23 @@ class SentimentRNN(nn.Module):
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(features, 1))
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.forward_embedded(self.embed_dropout(self.embedding(ids)), lengths)
+
+    @torch.jit.export
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The word vectors of ``ids [batch, time]``: ``[batch, time, dim]`` (no dropout)."""
+        return self.embedding(ids)
+
+    @torch.jit.export
+    def forward_embedded(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The logits from word vectors, so gradients can be taken with respect to them."""
         # A review with no tokens is read as one <pad> step, so every review has a last state.
-        lengths = lengths.to(ids.device).clamp(min=1, max=ids.size(1))
-        steps = torch.arange(ids.size(1), device=ids.device)
+        lengths = lengths.to(embedded.device).clamp(min=1, max=embedded.size(1))
+        steps = torch.arange(embedded.size(1), device=embedded.device)
         valid = steps[None, :] < lengths[:, None]
         reverse_index = torch.where(valid, lengths[:, None] - 1 - steps[None, :], steps[None, :])
 
-        x = self.embed_dropout(self.embedding(ids))
+        x = embedded
         for depth, layer in enumerate(self.layers):
             if depth > 0:
                 x = self.layer_dropout(x)
@@ -100,6 +111,18 @@ class SentimentRNN(nn.Module):
             mean_pool = (x * mask).sum(dim=1) / lengths[:, None].to(x.dtype)
             features = torch.cat([last, max_pool, mean_pool], dim=1)
         return self.head(features).squeeze(1)
+
+    @classmethod
+    def from_card(
+        cls, architecture: dict[str, Any], state_dict: dict[str, torch.Tensor]
+    ) -> "SentimentRNN":
+        """The eager network of a bundle (its card's architecture, its model.pt's weights), e.g.
+        to convert or quantise it: eager modules are what those tools take."""
+        cfg = ModelConfig(**{f.name: architecture[f.name] for f in dataclasses.fields(ModelConfig)})
+        shape = (int(architecture["vocab_size"]), int(architecture["embed_dim"]))
+        model = cls(cfg, np.zeros(shape, dtype=np.float32))
+        model.load_state_dict(state_dict)
+        return model.eval()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,7 +1,7 @@
 """The tokenizer: defined here once, saved as ``tokenizer.json``, used unchanged by the service.
 
-Hugging Face ``tokenizers`` serialises the whole pipeline (normaliser, pre-tokenizer, vocabulary
-and truncation) into one file, so the service needs no copy of these rules.
+Hugging Face ``tokenizers`` serialises the whole pipeline (normaliser, pre-tokenizer and
+vocabulary) into one file, so the service needs no copy of these rules.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from tokenizers.trainers import WordLevelTrainer
 
+from service.bundle import PAD_ID
+
 PAD, UNK = "<pad>", "<unk>"
-PAD_ID, UNK_ID = 0, 1
+UNK_ID = 1  # PAD_ID, 0, is the bundle's padding id
 
 
 def new_tokenizer() -> Tokenizer:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from service import bundle
 from training.batches import length_bucketed_batches, pad_batch, predict_logits
 from training.config import ModelConfig, TrainConfig, to_jsonable
 from training.errors import ConfigError
@@ -31,15 +32,11 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The bundle contract's device names (auto, cpu, cuda, cuda:N), as a training error."""
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return device
+        return bundle.resolve_device(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass

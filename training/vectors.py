@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from gensim.models import KeyedVectors, Word2Vec
 
+from service.bundle import PAD_ID
 from training.config import DEFAULT_VECTORS
 from training.errors import VectorsError
-from training.tokenizer import PAD_ID
 
 
 def load_vectors(spec: str, expected_dim: int | None = None) -> KeyedVectors:

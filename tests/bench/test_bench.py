@@ -1,19 +1,18 @@
 """The benchmark's parts against real things: wrk driving a real `python -m service` process on
-the tiny exported bundle, one miniature sitting of the whole suite, and the allocator
-comparisons (in-process and at the server) in miniature."""
+the tiny exported bundle, and one miniature sitting of the whole suite."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench import allocator, allocator_server, reliability, report, servers
+from bench import reliability, report, servers
 from bench.loadgen import run_wrk, wrk_available
 from bench.suite import Options, Plan, run
+from service import allocator
 
 needs_wrk = pytest.mark.skipif(not wrk_available(), reason="wrk is not installed")
 PROBE = b'{"inputs": "A wonderful, moving film."}'
@@ -57,6 +56,11 @@ def test_rate_option_spaces_requests_out(ours: servers.Server, tmp_path: Path):
 
 def test_rss_reads_the_process_and_its_children(ours: servers.Server):
     assert 20 < servers.rss_mb(ours.pid) < 4000
+
+
+def test_ours_runs_as_shipped_on_jemalloc_where_installed(ours: servers.Server):
+    # The benchmark measures the allocator users get: python -m service picks it itself.
+    assert servers.maps_jemalloc(ours.pid) is (allocator.jemalloc_library() is not None)
 
 
 def _point(clients: int, rate: float, p99: float) -> dict[str, object]:
@@ -129,63 +133,6 @@ def test_a_miniature_sitting_writes_the_report(
     assert all(
         p["statuses"] == {"2xx": p["requests"]} for p in results["servers"]["ours"]["single"]
     )
-
-
-@pytest.mark.slow
-def test_the_allocator_comparison_runs_every_setting_on_the_same_batches(
-    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
-):
-    args = argparse.Namespace(
-        bundle=trained_bundle,
-        data=str(imdb_tarball),
-        batches=50,
-        reviews=40,
-        cache_dir=tmp_path / "cache",
-        only=None,
-        rounds=1,
-    )
-    comparison = allocator.compare(args)
-    assert list(comparison["settings"]) == list(allocator.SETTINGS)
-    for setting in comparison["settings"].values():
-        assert setting["model_s"] > 0
-        assert len(setting["rss_mb"]) == 1 + 50 // allocator.SAMPLE_EVERY
-        assert all(100 < mb < 5000 for mb in setting["rss_mb"])
-    assert comparison["baseline"] == "glibc default"
-    assert comparison["settings"]["glibc default"]["model_time_vs_baseline"] == 1.0
-    assert allocator.table(comparison).count("\n") == 1 + len(allocator.SETTINGS)
-
-    # Two settings, two rounds each: the first named is the baseline, times are medians.
-    args.only, args.rounds = ["mmap threshold 1 MB", "2 arenas"], 2
-    two = allocator.compare(args)
-    assert list(two["settings"]) == args.only
-    assert two["baseline"] == "mmap threshold 1 MB"
-    for setting in two["settings"].values():
-        assert len(setting["model_s_rounds"]) == 2
-        assert setting["model_s"] == pytest.approx(sum(setting["model_s_rounds"]) / 2, abs=0.01)
-
-
-@needs_wrk
-@pytest.mark.slow
-def test_the_server_allocator_comparison_runs_each_setting_on_its_allocator(
-    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
-):
-    args = argparse.Namespace(
-        bundle=trained_bundle,
-        data=str(imdb_tarball),
-        rounds=1,
-        seconds=1.0,
-        reviews=20,
-        cache_dir=tmp_path / "cache",
-    )
-    comparison = allocator_server.compare(args)
-    settings = comparison["settings"]
-    assert list(settings) == list(allocator_server.SETTINGS)
-    for name, setting in settings.items():
-        assert len(setting["requests_per_s"]) == 1
-        assert setting["median_per_s"] > 0
-        assert setting["allocator_mapped"] == ["jemalloc" if "jemalloc" in name else "glibc"]
-    assert settings["glibc, as the service tunes it"]["vs_glibc"] == 1.0
-    assert allocator_server.table(comparison).count("\n") == 1 + len(settings)
 
 
 def test_soak_memory_is_judged_on_the_medians_of_whole_minutes():

@@ -4,11 +4,9 @@ in a thread of the test process, or as its own `python -m service` process."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +16,7 @@ import httpx
 import pytest
 import uvicorn
 
+from bench.servers import ServerError, answers, free_port, wait_until_ready
 from service.app import create_app
 from service.config import Settings
 from training.tokenizer import train_tokenizer
@@ -28,8 +27,7 @@ class RunningServer:
         self.server = server
         self.thread = thread
         self.settings = settings
-        port = server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://127.0.0.1:{settings.port}"
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
@@ -41,20 +39,27 @@ class RunningServer:
 
 @contextmanager
 def serve(bundle: Path, **overrides: Any) -> Iterator[RunningServer]:
-    settings = Settings(model_dir=bundle.parent, model_name=bundle.name, port=0, **overrides)
+    """``create_app`` under a real uvicorn in a thread of the test process, once ready."""
+    settings = Settings(
+        model_dir=bundle.parent, model_name=bundle.name, port=free_port(), **overrides
+    )
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+        create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
+    running = RunningServer(server, thread, settings)
     try:
-        yield RunningServer(server, thread, settings)
+        # uvicorn listens once the lifespan has loaded and warmed the model: any answer means
+        # ready, 401 included (a test may guard every path with an API key).
+        wait_until_ready(
+            lambda: answers("GET", f"{running.url}/ready", statuses=(200, 401)),
+            thread.is_alive,
+            timeout_s=60,
+            what="the test server",
+        )
+        yield running
     finally:
         server.should_exit = True
         thread.join(timeout=60)
@@ -68,12 +73,6 @@ def oversize_tokenizer(bundle: Path) -> None:
     """A tokenizer with more ids than the bundle's embedding table has rows."""
     words = " ".join(f"word{i}" for i in range(5000))
     train_tokenizer([words], vocab_size=10_000, min_count=1).save(str(bundle / "tokenizer.json"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -97,16 +96,16 @@ def service_process(bundle: Path, **env: str) -> Iterator[tuple[subprocess.Popen
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "service did not become ready"
-            time.sleep(0.1)
+        try:
+            wait_until_ready(
+                lambda: answers("GET", f"{url}/ready"),
+                lambda: process.poll() is None,
+                timeout_s=60,
+                what="python -m service",
+            )
+        except ServerError as exc:
+            output = process.communicate(timeout=10)[0] if process.poll() is not None else ""
+            raise ServerError(f"{exc}\n{output}") from None
         yield process, url
     finally:
         if process.poll() is None:

@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import bundle
+from service.app import create_app
+from service.config import Settings
+from service.routes import get_settings
 from service.runtime import ModelRuntime
 from tests.service.conftest import RunningServer, serve
 
@@ -40,7 +44,7 @@ def metric_at(url: str, name: str, /, **labels: str) -> float:
 def test_single_text_in_the_hugging_face_format(server: RunningServer, trained_bundle: Path):
     response = httpx.post(f"{server.url}/predict", json={"inputs": "A great, moving film."})
     assert response.status_code == 200
-    body = response.json()
+    [body] = response.json()  # one list of labels per text, for a single text too
     assert [item["label"] for item in body] in (["POSITIVE", "NEGATIVE"], ["NEGATIVE", "POSITIVE"])
     assert body[0]["score"] >= body[1]["score"]
     assert body[0]["score"] + body[1]["score"] == pytest.approx(1.0)
@@ -65,7 +69,7 @@ def test_list_of_64_equals_64_concurrent_requests_equals_the_model(
             answers = await asyncio.gather(
                 *(client.post("/predict", json={"inputs": t}) for t in texts)
             )
-        return [a.json() for a in answers]
+        return [a.json()[0] for a in answers]
 
     concurrent = asyncio.run(one_by_one())
     runtime = ModelRuntime.load(trained_bundle, "cpu")
@@ -100,10 +104,10 @@ def test_concurrent_requests_are_merged_into_few_batches(trained_bundle: Path):
 
 def test_top_k_and_function_to_apply(server: RunningServer):
     url = f"{server.url}/predict"
-    top = httpx.post(url, json={"inputs": "great", "parameters": {"top_k": 1}}).json()
+    [top] = httpx.post(url, json={"inputs": "great", "parameters": {"top_k": 1}}).json()
     assert len(top) == 1
     raw = httpx.post(url, json={"inputs": "great", "parameters": {"function_to_apply": "none"}})
-    scores = {b["label"]: b["score"] for b in raw.json()}
+    scores = {b["label"]: b["score"] for b in raw.json()[0]}
     assert scores["POSITIVE"] == pytest.approx(-scores["NEGATIVE"])
     many = httpx.post(url, json={"inputs": ["great", "awful"], "parameters": {"top_k": 5}}).json()
     assert [len(m) for m in many] == [2, 2]
@@ -191,7 +195,7 @@ def test_bad_requests_get_a_named_4xx(
 def test_unusual_but_valid_text_is_scored(server: RunningServer, text: str):
     response = httpx.post(f"{server.url}/predict", json={"inputs": text, "truncate": True})
     assert response.status_code == 200, response.text
-    assert sum(item["score"] for item in response.json()) == pytest.approx(1.0)
+    assert sum(item["score"] for item in response.json()[0]) == pytest.approx(1.0)
 
 
 def test_curl_style_form_content_type_is_read_as_json(server: RunningServer):
@@ -201,7 +205,7 @@ def test_curl_style_form_content_type_is_read_as_json(server: RunningServer):
         headers={"content-type": "application/x-www-form-urlencoded"},
     )
     assert response.status_code == 200
-    assert len(response.json()) == 2
+    assert len(response.json()[0]) == 2
 
 
 def test_unknown_route_and_method(server: RunningServer):
@@ -236,19 +240,52 @@ def test_deadline_counts_queue_time_and_answers_504(trained_bundle: Path):
         assert response.json()["error_type"] == "timeout"
 
 
-def test_health_ready_info_and_docs(server: RunningServer):
+def test_health_ready_info_and_docs(server: RunningServer, trained_bundle: Path):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
     info = httpx.get(f"{server.url}/info").json()
-    assert info["model_name"] == "tiny"
+    # The model part is the card's public summary, as the bundle contract reads it.
+    summary = bundle.read_card(trained_bundle).summary()
+    assert info["model"] == json.loads(summary.model_dump_json())
+    assert info["model"]["truncation"] == {"max_length": 32, "head": 12, "tail": 20}
     assert info["device"] == "cpu"
-    assert info["max_length"] == 32
     assert info["batching"]["max_batch_size"] == 64
-    assert "test" in info["metrics"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
     spec = httpx.get(f"{server.url}/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["$ref"].endswith("/PredictRequest")
+
+
+def test_before_the_model_is_loaded_every_model_route_answers_503(trained_bundle: Path):
+    # The app without its lifespan: no predictor yet, as while a model loads.
+    app = create_app(Settings(model_dir=trained_bundle.parent, model_name=trained_bundle.name))
+
+    async def ask() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return [
+                await client.get("/ready"),
+                await client.get("/info"),
+                await client.post("/predict", json={"inputs": "great"}),
+                await client.get("/health"),
+            ]
+
+    ready, info, predict, health = asyncio.run(ask())
+    for answer in (ready, info, predict):
+        assert answer.status_code == 503
+        assert answer.json()["error_type"] == "unavailable"
+        assert answer.headers["retry-after"] == "1"
+    assert health.status_code == 200  # alive while loading
+
+
+def test_route_dependencies_can_be_replaced(trained_bundle: Path):
+    # What the routes read comes through Depends: /info reports the settings it is given.
+    with serve(trained_bundle) as server:
+        app = server.server.config.app
+        app.dependency_overrides[get_settings] = lambda: Settings(max_batch_size=7)
+        assert httpx.get(f"{server.url}/info").json()["batching"]["max_batch_size"] == 7
+        app.dependency_overrides.clear()
+        assert httpx.get(f"{server.url}/info").json()["batching"]["max_batch_size"] == 64
 
 
 def test_metrics_parse_and_cover_the_service(server: RunningServer):
@@ -282,16 +319,29 @@ def test_metrics_parse_and_cover_the_service(server: RunningServer):
     assert buckets[:4] == ["1.0", "2.0", "4.0", "8.0"]
 
 
-def test_hugging_face_inference_client_round_trip(server: RunningServer):
+def test_hugging_face_inference_client_gets_every_label(server: RunningServer):
     from huggingface_hub import InferenceClient
 
     text = "A wonderful, moving film."
-    ours = httpx.post(f"{server.url}/predict", json={"inputs": text}).json()
+    [ours] = httpx.post(f"{server.url}/predict", json={"inputs": text}).json()
     client = InferenceClient(model=f"{server.url}/predict")
-    # The client parses the answer as a list and returns its first element: the best label.
+    # The client reads [[{label, score}, ...]] and returns the inner list: both labels.
     theirs = client.text_classification(text)
-    assert (theirs.label, theirs.score) == (ours[0]["label"], pytest.approx(ours[0]["score"]))
-    assert client.text_classification(text, top_k=1).label == ours[0]["label"]
+    assert [(t.label, t.score) for t in theirs] == [
+        (o["label"], pytest.approx(o["score"])) for o in ours
+    ]
+    [best] = client.text_classification(text, top_k=1)
+    assert best.label == ours[0]["label"]
+    logits = client.text_classification(text, function_to_apply="none")
+    assert {t.label: t.score for t in logits}["POSITIVE"] == pytest.approx(
+        -{t.label: t.score for t in logits}["NEGATIVE"]
+    )
+    # The client takes one text; a list goes over plain HTTP: one list of labels per text.
+    many = httpx.post(f"{server.url}/predict", json={"inputs": [text, "Dull and clumsy."]})
+    assert [len(labels) for labels in many.json()] == [2, 2]
+    assert [(m["label"], m["score"]) for m in many.json()[0]] == [
+        (o["label"], pytest.approx(o["score"], abs=1e-5)) for o in ours
+    ]
 
 
 def test_a_request_split_across_batches_is_reassembled_in_order(trained_bundle: Path):

@@ -85,19 +85,40 @@ def test_batches_group_lengths_and_respect_the_token_budget():
     assert model.batches == [[1, 2, 3, 4], [48, 49], [50, 51]]  # 2 x 51 <= 120 < 3 x 50
 
 
-def test_a_lone_text_is_not_held_longer_than_max_wait():
+def test_a_lone_text_waits_max_wait_for_company_and_no_longer():
+    # Were the window ignored, the text would run at once (queue time ~0); were it never
+    # closed, the wait_for below would time out.
     model = RecordingModel()
 
     async def scenario() -> float:
-        batcher = make(model, max_wait_s=0.01)
+        batcher = make(model, max_wait_s=0.2)
         await batcher.start()
-        [future] = batcher.submit([seq(5)], time.monotonic() + 10)
+        submitted = time.monotonic()
+        [future] = batcher.submit([seq(5)], submitted + 10)
         result = await asyncio.wait_for(future, timeout=5)
+        waited = time.monotonic() - submitted
         await batcher.stop()
-        return result.logit
+        assert result.logit == 5.0
+        assert 0.2 <= result.queue_s <= waited
+        return result.queue_s
 
-    assert run(scenario()) == 5.0
+    run(scenario())
     assert model.batches == [[5]]
+
+
+def test_a_full_batch_does_not_wait_out_the_window():
+    model = RecordingModel()
+
+    async def scenario() -> list[float]:
+        batcher = make(model, max_batch_size=4, max_wait_s=30.0)
+        await batcher.start()
+        futures = batcher.submit([seq(1)] * 4, time.monotonic() + 60)
+        results = await asyncio.wait_for(asyncio.gather(*futures), timeout=10)
+        await batcher.stop()
+        return [r.queue_s for r in results]
+
+    assert max(run(scenario())) < 30.0  # closed by size, not by the 30-s window
+    assert model.batches == [[1, 1, 1, 1]]
 
 
 def test_a_failed_batch_answers_every_waiting_text_and_the_batcher_goes_on():
@@ -183,19 +204,3 @@ def test_stop_finishes_accepted_work_then_refuses_new_work():
         assert caught.value.error_type is ErrorType.UNAVAILABLE
 
     run(scenario())
-
-
-def test_a_warm_up_runs_on_the_thread_that_will_serve():
-    model = RecordingModel()
-
-    async def scenario() -> None:
-        batcher = make(model)
-        await batcher.run_in_worker(model, [seq(4)])
-        await batcher.start()
-        futures = batcher.submit([seq(2)], time.monotonic() + 10)
-        await asyncio.gather(*futures)
-        await batcher.stop()
-
-    run(scenario())
-    assert model.batches == [[4], [2]]
-    assert len(model.thread_names) == 1  # the warm-up's arena is the one serving draws from

@@ -16,11 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.service.conftest import serve
 
 SEED = "20261123"
 
 
+@pytest.mark.slow
 def test_fuzzing_finds_nothing(trained_bundle: Path, tmp_path: Path):
     st = shutil.which("st") or str(Path(sys.executable).parent / "st")
     with serve(trained_bundle, auto_truncate=True) as server:

@@ -1,15 +1,13 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from service.truncation import Truncation
-from training.bundle import _verify_round_trip
+from service.bundle import Truncation, round_trip
 from training.config import ModelConfig
 from training.errors import ExportError
+from training.export import verify_entry_points
 from training.metrics import classification_metrics, expected_calibration_error, fit_temperature
 from training.model import SentimentRNN
 
@@ -43,11 +41,12 @@ def test_ece_is_zero_for_perfect_confidence_and_large_for_wrong_confidence():
     assert expected_calibration_error(labels, np.array([0.0, 1.0, 0.0, 1.0])) == 1.0
 
 
-def test_export_check_fails_loudly_when_the_file_differs(tmp_path: Path):
+def test_export_check_compares_every_entry_point_and_fails_loudly():
     model = SentimentRNN(ModelConfig(hidden=4, dropout=0.5), np.ones((20, 3), np.float32))
     reviews = [np.arange(2, 12, dtype=np.int32), np.arange(3, 8, dtype=np.int32)]
-    torch.jit.script(model.eval()).save(str(tmp_path / "model.pt"))
-    assert _verify_round_trip(model, tmp_path / "model.pt", reviews, Truncation(16, 8)) == 0.0
+    exported = round_trip(torch.jit.script(model.eval()))
+    diffs = verify_entry_points(model, exported, reviews, Truncation.keep(16, 8))
+    assert diffs == {"forward": 0.0, "embed": 0.0, "forward_embedded": 0.0}
     # A model left in training mode (dropout on) no longer matches what was saved.
-    with pytest.raises(ExportError, match="differs from the trained model"):
-        _verify_round_trip(model.train(), tmp_path / "model.pt", reviews, Truncation(16, 8))
+    with pytest.raises(ExportError, match="not a faithful copy"):
+        verify_entry_points(model.train(), exported, reviews, Truncation.keep(16, 8))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.truncation import Truncation
+from service.bundle import Truncation
 from training.batches import length_bucketed_batches, pad_batch
 from training.config import ModelConfig, TrainConfig
 from training.errors import ConfigError
@@ -33,14 +33,17 @@ def test_scripted_batched_and_single_answers_agree(
     torch.jit.script(model).save(str(tmp_path / "model.pt"))
     scripted = torch.jit.load(str(tmp_path / "model.pt"))
     reviews = _reviews()
-    ids, lengths = pad_batch(reviews, Truncation(8, 3))
+    ids, lengths = pad_batch(reviews, Truncation.keep(8, 3))
     wider = torch.cat([ids, torch.zeros(len(reviews), 6, dtype=torch.long)], dim=1)
     with torch.no_grad():
         batched = model(ids, lengths)
-        one_by_one = torch.cat([model(*pad_batch([r], Truncation(8, 3))) for r in reviews])
+        one_by_one = torch.cat([model(*pad_batch([r], Truncation.keep(8, 3))) for r in reviews])
         torch.testing.assert_close(scripted(ids, lengths), batched, rtol=0, atol=0)
         torch.testing.assert_close(one_by_one, batched, rtol=0, atol=1e-6)
         torch.testing.assert_close(model(wider, lengths), batched, rtol=0, atol=1e-6)
+        # The two halves the bundle exports compose to forward, scripted as well as eager.
+        halves = scripted.forward_embedded(scripted.embed(ids), lengths)
+        torch.testing.assert_close(halves, batched, rtol=0, atol=0)
     assert torch.isfinite(batched).all()
 
 
@@ -68,9 +71,9 @@ def test_bad_hyper_parameters_are_refused(factory, message: str):
 
 def test_pad_batch_applies_the_truncation_rule_and_pads_right():
     seqs = [np.array([5, 6, 7, 8]), np.array([9]), np.array([], np.int32)]
-    ids, lengths = pad_batch(seqs, Truncation(3, 3))
+    ids, lengths = pad_batch(seqs, Truncation.keep(3, 3))
     assert ids.tolist() == [[5, 6, 7], [9, 0, 0], [0, 0, 0]]
-    assert pad_batch(seqs, Truncation(3, 1))[0].tolist() == [[5, 7, 8], [9, 0, 0], [0, 0, 0]]
+    assert pad_batch(seqs, Truncation.keep(3, 1))[0].tolist() == [[5, 7, 8], [9, 0, 0], [0, 0, 0]]
     assert lengths.tolist() == [3, 1, 0]
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from training.tokenizer import PAD_ID, UNK_ID, encode, train_tokenizer, vocabulary
+from service.bundle import PAD_ID
+from training.tokenizer import UNK_ID, encode, train_tokenizer, vocabulary
 
 TEXTS = ["A <br />great<BR/>film, truly great!", "The ﬁlm was dull.", "Naïve but great."]
 

@@ -1,0 +1,301 @@
+"""The model bundle: the one contract between `training`, which writes it, and everything that
+reads it (the service, `training evaluate`, the benchmark and the peer servers it runs).
+
+``models/<name>/`` holds three files; nothing else is needed to serve or re-score the model:
+
+- ``model.pt``: TorchScript with three entry points (format 3):
+  ``forward(ids int64 [batch, time], lengths int64 [batch]) -> float32 [batch]``, the POSITIVE
+  logit, right-padded with id ``PAD_ID``; and its two halves, ``embed(ids) -> float32 [batch,
+  time, dim]`` and ``forward_embedded(embedded, lengths) -> logits``, so that gradients can be
+  taken with respect to the embeddings (explanations). ``forward(ids, lengths)`` equals
+  ``forward_embedded(embed(ids), lengths)``.
+- ``tokenizer.json``: the Hugging Face tokenizer (normaliser, pre-tokenizer, vocabulary). It
+  returns every token: its own truncation could not keep a text's tail, so the card's rule is
+  the only one.
+- ``card.json``: ``Card`` below, validated on write and on read: what the model is, how it
+  was made, how well it does, its calibration and its truncation rule.
+
+Like nanoGPT's checkpoint, a bundle carries what is needed to use it; like TEI's ``core``
+crate, this module is the one place where writer and readers agree. `training` writes bundles
+through ``save`` and imports nothing else from `service`; readers go through ``load``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tokenizers import Tokenizer
+
+MODEL_FILE = "model.pt"
+TOKENIZER_FILE = "tokenizer.json"
+CARD_FILE = "card.json"
+FILES = (MODEL_FILE, TOKENIZER_FILE, CARD_FILE)
+# 2: truncation moved from tokenizer.json to the card (head + tail).
+# 3: model.pt exports embed and forward_embedded; the card is validated (Card).
+FORMAT_VERSION = 3
+ENTRY_POINTS = ("forward", "embed", "forward_embedded")
+PAD_ID = 0  # right padding; the embedding row of id 0 is zero
+LABELS = ("NEGATIVE", "POSITIVE")  # the logit is POSITIVE's
+
+
+class BundleError(Exception):
+    """The bundle cannot be served: missing, corrupt or inconsistent files."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. A name torch
+    does not know, or CUDA where there is none, is a ``ValueError`` (a settings error)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} requested but there are {torch.cuda.device_count()} CUDA devices"
+            )
+    return device
+
+
+class Truncation(BaseModel):
+    """A longer text keeps its first ``head`` and its last ``tail`` tokens
+    (``head + tail == max_length``). Reviewers often state their verdict in the closing lines,
+    so a head+tail cut can keep what a head-only cut (``tail == 0``) drops."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_length: int = Field(ge=1, description="tokens the model reads at most")
+    head: int = Field(ge=0, description="tokens kept from the start of a longer text")
+    tail: int = Field(ge=0, description="tokens kept from the end of a longer text")
+
+    @classmethod
+    def keep(cls, max_length: int, head: int) -> Truncation:
+        """The rule that keeps ``head`` tokens of the start and the rest of the end."""
+        return cls(max_length=max_length, head=head, tail=max_length - head)
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> Truncation:
+        if self.head + self.tail != self.max_length:
+            raise ValueError(
+                f"truncation head {self.head} + tail {self.tail} != max_length {self.max_length}"
+            )
+        return self
+
+    def apply(self, ids: np.ndarray) -> np.ndarray:
+        if len(ids) <= self.max_length:
+            return ids
+        return np.concatenate([ids[: self.head], ids[len(ids) - self.tail :]])
+
+
+class Calibration(BaseModel):
+    """Probabilities are ``sigmoid(logit / temperature)``."""
+
+    method: str
+    temperature: float = Field(gt=0)
+    test_ece_before: float | None = None
+    test_ece_after: float | None = None
+
+
+class SplitMetrics(BaseModel):
+    """Classification metrics of one split, with the calibrated probabilities."""
+
+    model_config = ConfigDict(extra="allow")  # room for more metrics without a new format
+
+    n: int = Field(ge=0)
+    accuracy: float
+    precision: float
+    recall: float
+    f1: float
+    roc_auc: float | None
+    log_loss: float
+    ece: float
+    confusion_matrix: dict[str, int]
+
+
+class Architecture(BaseModel):
+    """The network's shape; the fields beyond these are the trainer's model options."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    vocab_size: int = Field(ge=2)
+    embed_dim: int = Field(ge=1)
+
+
+class ExportCheck(BaseModel):
+    torch_version: str
+    python_version: str
+    created_at: str
+    max_abs_diff: dict[str, float] = Field(
+        description="largest difference from the eager model, per entry point, on the check batch"
+    )
+
+
+class ModelSummary(BaseModel):
+    """What a client of the service may see of the card (``GET /info``): the training run's
+    paths, command and history stay out."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format_version: Literal[3]
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    task: str
+    labels: tuple[str, str]
+    truncation: Truncation
+    calibration: Calibration
+    metrics: dict[str, SplitMetrics]
+    architecture: Architecture
+    parameters: int = Field(ge=1)
+
+
+class Card(ModelSummary):
+    """``card.json``."""
+
+    command: str = Field(description="the command that produced the bundle")
+    hyperparameters: dict[str, Any]
+    data: dict[str, Any]
+    vectors: dict[str, Any]
+    training: dict[str, Any]
+    export: ExportCheck
+    migrated_from: dict[str, Any] | None = Field(
+        None, description="the export record of the bundle this one was converted from"
+    )
+
+    def summary(self) -> ModelSummary:
+        return ModelSummary.model_validate(self.model_dump(include=set(ModelSummary.model_fields)))
+
+
+@dataclass(frozen=True)
+class Bundle:
+    folder: Path
+    card: Card
+    model: torch.jit.ScriptModule
+    tokenizer: Tokenizer
+    device: torch.device
+
+
+def read_card(folder: Path) -> Card:
+    path = folder / CARD_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path} is unreadable: {exc}") from exc
+    found = raw.get("format_version") if isinstance(raw, dict) else None
+    if found == 2:
+        raise BundleError(
+            f"{folder} is a format-2 bundle; convert it (same weights) with "
+            f"`python -m training migrate {folder}`"
+        )
+    if found != FORMAT_VERSION:
+        raise BundleError(f"{path} has format_version {found!r}; this reads {FORMAT_VERSION}")
+    try:
+        return Card.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'card'}: {e['msg']}" for e in exc.errors()
+        )
+        raise BundleError(f"{path} is not a valid card: {problems}") from None
+
+
+def load(folder: Path, device: str | torch.device = "auto") -> Bundle:
+    """Load and check a bundle; every way it can be unusable is one ``BundleError``."""
+    if not folder.is_dir():
+        raise BundleError(f"model bundle not found: {folder} is not a folder")
+    missing = [f for f in FILES if not (folder / f).is_file()]
+    if missing:
+        raise BundleError(f"model bundle {folder} lacks {', '.join(missing)}")
+    card = read_card(folder)
+    if tuple(card.labels) != LABELS:
+        raise BundleError(f"{folder}/{CARD_FILE} labels {card.labels} are not {LABELS}")
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    except Exception as exc:  # the Rust side raises plain Exception
+        raise BundleError(f"{folder}/{TOKENIZER_FILE} cannot be loaded: {exc}") from exc
+    if tokenizer.truncation is not None:
+        raise BundleError(
+            f"{folder}/{TOKENIZER_FILE} truncates by itself; the card's truncation rule must be "
+            "the only one"
+        )
+    try:
+        torch_device = device if isinstance(device, torch.device) else resolve_device(device)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from exc
+    try:
+        model = torch.jit.load(str(folder / MODEL_FILE), map_location=torch_device).eval()
+    except Exception as exc:  # torch raises RuntimeError or worse on a damaged archive
+        raise BundleError(
+            f"{folder}/{MODEL_FILE} is not a loadable TorchScript file: {exc}"
+        ) from exc
+    absent = [name for name in ENTRY_POINTS if not hasattr(model, name)]
+    if absent:
+        raise BundleError(f"{folder}/{MODEL_FILE} lacks the entry points {', '.join(absent)}")
+    rows = _embedding_rows(model)
+    if rows != card.architecture.vocab_size:
+        raise BundleError(
+            f"{folder}: the card says {card.architecture.vocab_size} words but the model's "
+            f"embedding table has {rows} rows"
+        )
+    if tokenizer.get_vocab_size() > rows:
+        raise BundleError(
+            f"{folder}: the tokenizer has {tokenizer.get_vocab_size()} words but the model's "
+            f"embedding table has {rows} rows; {TOKENIZER_FILE} and {MODEL_FILE} do not match"
+        )
+    return Bundle(folder, card, model, tokenizer, torch_device)
+
+
+def save(folder: Path, model: torch.jit.ScriptModule, tokenizer: Tokenizer, card: Card) -> Path:
+    """Write the three files beside ``folder``, read them back through ``load`` and only then
+    move them into place, so a failed or interrupted save never leaves a half bundle."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    model.save(str(partial / MODEL_FILE))
+    served = Tokenizer.from_str(tokenizer.to_str())
+    served.no_truncation()
+    served.save(str(partial / TOKENIZER_FILE))
+    (partial / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    load(partial, "cpu")
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
+def round_trip(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """The module as ``load`` will see it: saved and loaded again, in memory."""
+    buffer = io.BytesIO()
+    torch.jit.save(model, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer, map_location="cpu")
+
+
+def pad(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward``'s inputs for already-truncated sequences: ids right-padded with ``PAD_ID``
+    to the longest (at least 1), and the lengths."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    ids = np.full((len(seqs), max(1, int(lengths.max(initial=0)))), PAD_ID, dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = seq
+    return torch.from_numpy(ids), torch.from_numpy(lengths)
+
+
+def _embedding_rows(model: torch.jit.ScriptModule) -> int | None:
+    for name, tensor in model.state_dict().items():
+        if name.endswith("embedding.weight"):
+            return int(tensor.shape[0])
+    return None

@@ -1,0 +1,117 @@
+"""The HTTP routes, on one ``APIRouter``. Each validates its input with a schema, hands the work
+to the predictor and returns; what they need comes in through dependencies, which a test can
+replace (``app.dependency_overrides``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.config import Settings
+from service.errors import STATUS, ErrorType, ServiceError
+from service.metrics import Metrics
+from service.pipeline import Predictor
+from service.schemas import (
+    BatchSettings,
+    ErrorResponse,
+    HealthResponse,
+    InfoResponse,
+    PredictRequest,
+    PredictResponse,
+)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in sorted(set(STATUS.values()))
+}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"model": ErrorResponse}}
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_predictor(request: Request) -> Predictor:
+    """The predictor once the lifespan has loaded and warmed the model; 503 before."""
+    predictor: Predictor | None = request.app.state.predictor
+    if predictor is None:
+        raise ServiceError(ErrorType.UNAVAILABLE, "the model is not loaded yet", retry_after=1)
+    return predictor
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+
+router = APIRouter()
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERROR_RESPONSES,
+    summary="Score the polarity of one text or a list of texts",
+)
+async def predict(body: PredictRequest, request: Request, predictor: PredictorDep) -> Response:
+    prediction = await predictor.predict(
+        body.texts,
+        truncate=body.truncate,
+        function=body.parameters.function_to_apply,
+        top_k=body.parameters.top_k,
+        disconnected=lambda: _client_gone(request),
+    )
+    return JSONResponse(prediction.scores, headers=prediction.headers())
+
+
+@router.get("/health", response_model=HealthResponse, summary="Liveness: the process answers")
+async def health() -> HealthResponse:
+    return HealthResponse(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=HealthResponse,
+    responses=UNAVAILABLE,
+    summary="Readiness: the model is loaded and warmed",
+)
+async def ready(_: PredictorDep) -> HealthResponse:
+    return HealthResponse(status="ready")
+
+
+@router.get(
+    "/info",
+    response_model=InfoResponse,
+    responses=UNAVAILABLE,
+    summary="The served model (its card) and the batching settings",
+)
+async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
+    batching = settings.model_dump(include=set(BatchSettings.model_fields))
+    return InfoResponse(
+        model=predictor.runtime.card.summary(),
+        device=str(predictor.runtime.device),
+        batching=BatchSettings.model_validate(batching),
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def prometheus_metrics(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has gone away (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

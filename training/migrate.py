@@ -1,0 +1,73 @@
+"""`migrate`: convert a bundle of an older format to the current one, with the same weights.
+
+Format 2 -> 3: the card is validated by the contract and loses its duplicated fields
+(``max_length``, ``files``), and ``model.pt`` gains the ``embed`` and ``forward_embedded``
+entry points. The network is rebuilt from the card's architecture, loaded with the old file's
+weights, checked to give the old file's logits, and exported as training exports it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from service import bundle
+from training.batches import pad_batch
+from training.errors import DataError, ExportError
+from training.export import TOLERANCE, export_bundle
+from training.model import SentimentRNN
+
+CHECK_REVIEWS = 64
+# Fields of a format-2 card that format 3 either derives or no longer keeps.
+_DROPPED = ("format_version", "max_length", "files", "export", "labels", "parameters")
+
+
+def migrate(folder: Path, log: Callable[[str], object] = print) -> Path:
+    card_path = folder / bundle.CARD_FILE
+    try:
+        card: dict[str, Any] = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{card_path} is unreadable: {exc}") from exc
+    found = card.get("format_version")
+    if found == bundle.FORMAT_VERSION:
+        log(f"{folder} is already format {bundle.FORMAT_VERSION}; nothing to do")
+        return folder
+    if found != 2:
+        raise DataError(f"{card_path} has format_version {found!r}; migrate converts format 2")
+    try:
+        old = torch.jit.load(str(folder / bundle.MODEL_FILE), map_location="cpu").eval()
+        tokenizer = Tokenizer.from_file(str(folder / bundle.TOKENIZER_FILE))
+    except Exception as exc:  # torch and tokenizers raise plain exceptions on damaged files
+        raise DataError(f"{folder} cannot be read: {exc}") from exc
+    model = SentimentRNN.from_card(card["architecture"], old.state_dict())
+
+    truncation = bundle.Truncation.model_validate(card["truncation"])
+    check = _check_batch(tokenizer.get_vocab_size(), truncation.max_length)
+    ids, lengths = pad_batch(check, truncation)
+    with torch.no_grad():
+        diff = float((model(ids, lengths) - old(ids, lengths)).abs().max())
+    if not diff <= TOLERANCE:
+        raise ExportError(f"the rebuilt network differs from {folder}/model.pt by {diff:.3g}")
+
+    fields = {k: v for k, v in card.items() if k not in _DROPPED}
+    fields["migrated_from"] = {"format_version": found, **card.get("export", {})}
+    export_bundle(model, tokenizer, folder, check, fields)
+    log(
+        f"{folder}: format {found} -> {bundle.FORMAT_VERSION}, same weights (logits of the old "
+        f"file reproduced within {diff:.1g} on {CHECK_REVIEWS} sequences)"
+    )
+    return folder
+
+
+def _check_batch(vocab_size: int, max_length: int) -> list[np.ndarray]:
+    """Token sequences of every length from 1 to past ``max_length``: no text is needed to
+    compare two networks' arithmetic."""
+    rng = np.random.default_rng(0)
+    lengths = np.linspace(1, max_length + max_length // 4, CHECK_REVIEWS).astype(int)
+    return [rng.integers(2, vocab_size, size=n) for n in lengths]
