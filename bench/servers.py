@@ -156,7 +156,10 @@ def ours(
     threads: int | None = None,
     name: str = "ours",
     extra_env: dict[str, str] | None = None,
+    source: Path | None = None,
 ) -> Iterator[Server]:
+    """``python -m service`` as its users start it. ``source``: another checkout whose
+    ``service`` package to run (it goes first on the import path)."""
     port = free_port()
     env = {
         "SENTIMENT_MODEL_DIR": str(bundle.parent.resolve()),
@@ -168,6 +171,8 @@ def ours(
     }
     if threads:
         env["SENTIMENT_TORCH_THREADS"] = str(threads)
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve())
     env.update(extra_env or {})
     command = [sys.executable, "-m", "service"]
     with _serve(name, command, f"http://127.0.0.1:{port}/predict", env, workdir, probe) as s:

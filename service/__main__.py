@@ -16,7 +16,9 @@ log = logging.getLogger("service")
 
 
 def main() -> int:
-    allocator.exec_on_jemalloc()  # before anything is imported or allocated: it restarts us
+    # First: it may restart this process on jemalloc, so the first process should not pay for
+    # importing torch (the imports below are here, not at the top, for that reason).
+    allocator.exec_on_jemalloc()
 
     import uvicorn
     from pydantic import ValidationError

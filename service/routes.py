@@ -29,17 +29,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"model": ErrorResponse}}
 
 
-def get_settings(request: Request) -> Settings:
+# The dependencies are coroutines: FastAPI runs a plain `def` one in its thread pool, a thread
+# hop per request that cost 12% of the throughput at saturation (docs/benchmarks.md).
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def get_predictor(request: Request) -> Predictor:
+async def get_predictor(request: Request) -> Predictor:
     """The predictor once the lifespan has loaded and warmed the model; 503 before."""
     predictor: Predictor | None = request.app.state.predictor
     if predictor is None:

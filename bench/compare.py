@@ -1,0 +1,124 @@
+"""This checkout's server against an earlier commit's, at saturation, in one sitting.
+
+    python -m bench.compare --ref 596acbc --rounds 3 --seconds 30 \\
+        --ref-env LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 --json out.json
+
+The earlier commit is checked out as a git worktree under the work folder; each side runs
+``python -m service`` from its own tree on its own shipped model (``models/<name>`` of that
+tree, so bundle formats never cross), started afresh in every round. Rounds alternate the
+order, so a slow spell of the machine hits both sides; the verdict is the ratio of the medians
+of requests/s answered 200 under 256 closed-loop wrk clients on real IMDb test reviews.
+``--ref-env`` gives the earlier side the environment its users ran it with (e.g. the
+``LD_PRELOAD`` that ``make serve`` set before the service chose its malloc itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench import servers
+from bench.loadgen import run_wrk
+from bench.workload import build
+from training.config import default_data_source
+
+REPO_ROOT = servers.REPO_ROOT
+CLIENTS = 256  # where our throughput peaks (docs/benchmarks.md)
+
+
+def worktree(ref: str, workdir: Path) -> Path:
+    """A checkout of ``ref`` (created once, reused)."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    if not sha:
+        raise SystemExit(f"unknown git ref {ref!r}")
+    tree = (workdir / f"ref-{sha}").resolve()
+    if not tree.exists():
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(tree), sha], cwd=REPO_ROOT, check=True
+        )
+    return tree
+
+
+def saturation(
+    tree: Path,
+    model: str,
+    env: dict[str, str],
+    bodies: Path,
+    probe: bytes,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    workdir = args.workdir / "compare" / tree.name
+    with servers.ours(
+        tree / "models" / model, workdir, probe, source=tree, extra_env=env, name=tree.name
+    ) as server:
+        run_wrk(server.url, bodies, 16, args.warmup)  # warm caches and allocators
+        result = run_wrk(server.url, bodies, CLIENTS, args.seconds)
+        allocator = "jemalloc" if servers.maps_jemalloc(server.pid) else "system"
+    per_s = result.ok_per_s
+    print(f"  {tree.name:<20} {per_s:8.1f} requests/s  ({allocator})", flush=True)
+    return {"requests_per_s": round(per_s, 1), "allocator": allocator, "load": result.summary()}
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    work = build(args.data, Path(".cache"), args.workdir / "bodies", args.reviews)
+    sides = {
+        "this checkout": (REPO_ROOT, {}),
+        f"ref {args.ref}": (worktree(args.ref, args.workdir), dict(args.ref_env)),
+    }
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    for i in range(args.rounds):
+        order = list(sides) if i % 2 == 0 else list(reversed(sides))
+        print(f"round {i + 1}: {' then '.join(order)}", flush=True)
+        for name in order:
+            tree, env = sides[name]
+            rounds[name].append(saturation(tree, args.model, env, work.single, work.probe(), args))
+    medians = {
+        name: statistics.median(r["requests_per_s"] for r in results)
+        for name, results in rounds.items()
+    }
+    mine, theirs = medians["this checkout"], medians[f"ref {args.ref}"]
+    return {
+        "ref": args.ref,
+        "clients": CLIENTS,
+        "seconds": args.seconds,
+        "rounds": rounds,
+        "medians_per_s": medians,
+        "ratio": round(mine / max(theirs, 1e-9), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ref", required=True, help="git commit or tag to compare with")
+    parser.add_argument("--model", default="imdb-bigru", help="bundle name in each tree")
+    parser.add_argument(
+        "--ref-env",
+        action="append",
+        default=[],
+        type=lambda kv: tuple(kv.split("=", 1)),
+        help="KEY=VALUE for the earlier commit's server (repeatable)",
+    )
+    parser.add_argument("--data", default=default_data_source())
+    parser.add_argument("--reviews", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--workdir", type=Path, default=Path(".cache/bench"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    result = compare(args)
+    print(json.dumps({k: result[k] for k in ("medians_per_s", "ratio")}, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
