@@ -68,7 +68,7 @@ def saturation(
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     work = build(args.data, Path(".cache"), args.workdir / "bodies", args.reviews)
     sides = {
-        "this checkout": (REPO_ROOT, {}),
+        "this checkout": (REPO_ROOT, dict(args.env)),
         f"ref {args.ref}": (worktree(args.ref, args.workdir), dict(args.ref_env)),
     }
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
@@ -85,6 +85,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     mine, theirs = medians["this checkout"], medians[f"ref {args.ref}"]
     return {
         "ref": args.ref,
+        "env": dict(args.env),
+        "ref_env": dict(args.ref_env),
         "clients": CLIENTS,
         "seconds": args.seconds,
         "rounds": rounds,
@@ -99,6 +101,13 @@ def main() -> None:
     )
     parser.add_argument("--ref", required=True, help="git commit or tag to compare with")
     parser.add_argument("--model", default="imdb-bigru", help="bundle name in each tree")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=lambda kv: tuple(kv.split("=", 1)),
+        help="KEY=VALUE for this checkout's server (repeatable)",
+    )
     parser.add_argument(
         "--ref-env",
         action="append",

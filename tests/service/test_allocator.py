@@ -20,11 +20,15 @@ needs_jemalloc = pytest.mark.skipif(
     reason="jemalloc is not installed (Debian: libjemalloc2)",
 )
 # A process that asks for jemalloc and reports what it got.
-PROBE = "from service import allocator; allocator.exec_on_jemalloc(); print(allocator.in_use())"
+PROBE = (
+    "import os; from service import allocator; allocator.exec_on_jemalloc(); "
+    "print(allocator.in_use(), os.environ.get('MALLOC_CONF'))"
+)
 
 
 def _probe(**env: str) -> str:
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "SENTIMENT_ALLOCATOR")}
+    unset = ("LD_PRELOAD", "SENTIMENT_ALLOCATOR", "MALLOC_CONF")
+    base = {k: v for k, v in os.environ.items() if k not in unset}
     result = subprocess.run(
         [sys.executable, "-c", PROBE],
         env={**base, **env},
@@ -37,12 +41,14 @@ def _probe(**env: str) -> str:
 
 
 @needs_jemalloc
-def test_a_process_restarts_itself_on_jemalloc_once():
-    assert _probe() == "jemalloc"
+def test_a_process_restarts_itself_on_jemalloc_once_with_the_services_settings():
+    assert _probe() == f"jemalloc {allocator.JEMALLOC_CONF}"
+    # An operator's own MALLOC_CONF wins.
+    assert _probe(MALLOC_CONF="narenas:2") == "jemalloc narenas:2"
 
 
 def test_the_setting_system_keeps_the_c_librarys_malloc():
-    assert _probe(SENTIMENT_ALLOCATOR="system") == "system"
+    assert _probe(SENTIMENT_ALLOCATOR="system") == "system None"
 
 
 @needs_jemalloc
@@ -66,8 +72,8 @@ def test_the_service_on_jemalloc_answers_as_on_the_c_librarys_malloc(trained_bun
         process.terminate()
         output, _ = process.communicate(timeout=30)
     assert on_jemalloc == on_system
-    assert "malloc: jemalloc" in output
-    assert "<jemalloc>" not in output  # jemalloc reports its own errors on stderr
+    assert f"malloc: jemalloc (MALLOC_CONF={allocator.JEMALLOC_CONF})" in output
+    assert "<jemalloc>" not in output  # jemalloc reports a bad MALLOC_CONF on stderr
 
 
 def test_a_process_without_jemalloc_says_so_at_start(caplog: pytest.LogCaptureFixture):
