@@ -139,7 +139,8 @@ request = urllib.request.Request(
     headers={"content-type": "application/json"},
 )
 body = json.loads(urllib.request.urlopen(request, timeout=30).read())
-assert body[0]["label"] == "POSITIVE", body
+# one text -> [[{label, score}, ...]], best first (README, "Wire format")
+assert body[0][0]["label"] == "POSITIVE", body
 print(json.dumps(body))
 PY
 )
