@@ -160,7 +160,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             after = run_wrk(server.url, work.single, 256, args.calibrate).ok_per_s
             result.update(
                 saturation_after_per_s=round(after, 1),
-                offered_x_saturation_after=round(offered / after, 2),
+                # 0 when the service no longer answers at all: reported, and the soak fails
+                offered_x_saturation_after=round(offered / after, 2) if after else None,
             )
             # One sample can land on a batch in flight (up to 150 MB of tensors); the medians of
             # the first and last minutes' 60 samples cannot, and a leak moves them just the same.
@@ -173,7 +174,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rss_growth=round(growth, 4),
             )
             result["passed"] = bool(
-                set(load.statuses) == {"2xx"} and not load.socket_errors and growth < 0.10
+                set(load.statuses) == {"2xx"}
+                and not load.socket_errors
+                and growth < 0.10
+                and after > 0
             )
     return result
 
