@@ -101,20 +101,14 @@ def main() -> None:
     )
     parser.add_argument("--ref", required=True, help="git commit or tag to compare with")
     parser.add_argument("--model", default="imdb-bigru", help="bundle name in each tree")
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        type=lambda kv: tuple(kv.split("=", 1)),
-        help="KEY=VALUE for this checkout's server (repeatable)",
-    )
-    parser.add_argument(
-        "--ref-env",
-        action="append",
-        default=[],
-        type=lambda kv: tuple(kv.split("=", 1)),
-        help="KEY=VALUE for the earlier commit's server (repeatable)",
-    )
+    for flag, whose in (("--env", "this checkout's"), ("--ref-env", "the earlier commit's")):
+        parser.add_argument(
+            flag,
+            action="append",
+            default=[],
+            type=lambda kv: tuple(kv.split("=", 1)),
+            help=f"KEY=VALUE for {whose} server (repeatable)",
+        )
     parser.add_argument("--data", default=default_data_source())
     parser.add_argument("--reviews", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
