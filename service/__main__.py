@@ -43,7 +43,7 @@ def main() -> int:
     )
     allocator.report(settings.allocator)
     try:
-        runtime = ModelRuntime.load(settings.bundle_dir, settings.device)
+        runtime = ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
     except BundleError as exc:
         print(f"error: cannot serve: {exc}", file=sys.stderr)
         return EXIT_BUNDLE

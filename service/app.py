@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        model = runtime or ModelRuntime.load(settings.bundle_dir, settings.device)
+        model = runtime or ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
         if settings.warmup:
             await asyncio.to_thread(model.warmup, (1, settings.max_batch_size))
         batcher = DynamicBatcher(
@@ -55,7 +55,11 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         await batcher.start()
         predictor = Predictor(model, batcher, settings, metrics)
         card = model.card
-        metrics.model_info.labels(card.name, card.version, str(model.device)).set(1)
+        metrics.model_info.labels(
+            card.name, card.version, str(model.device), str(model.dtype).removeprefix("torch.")
+        ).set(1)
+        if model.device.type == "cuda":
+            metrics.watch_cuda_memory(model.cuda_memory)
         app.state.predictor = predictor
         log.info("serving %s %s on %s", card.name, card.version, model.device)
         try:

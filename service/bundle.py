@@ -45,6 +45,10 @@ FORMAT_VERSION = 3
 ENTRY_POINTS = ("forward", "embed", "forward_embedded")
 PAD_ID = 0  # right padding; the embedding row of id 0 is zero
 LABELS = ("NEGATIVE", "POSITIVE")  # the logit is POSITIVE's
+# The precisions a bundle can be served in: its float32 weights, cast once at load. Half
+# precision is meant for CUDA (tensor cores); a CPU runs it, but slower than float32.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Dtype = Literal["float32", "float16", "bfloat16"]
 
 
 class BundleError(Exception):
@@ -188,6 +192,7 @@ class Bundle:
     model: torch.jit.ScriptModule
     tokenizer: Tokenizer
     device: torch.device
+    dtype: torch.dtype
 
 
 def read_card(folder: Path) -> Card:
@@ -213,8 +218,10 @@ def read_card(folder: Path) -> Card:
         raise BundleError(f"{path} is not a valid card: {problems}") from None
 
 
-def load(folder: Path, device: str | torch.device = "auto") -> Bundle:
-    """Load and check a bundle; every way it can be unusable is one ``BundleError``."""
+def load(folder: Path, device: str | torch.device = "auto", dtype: Dtype = "float32") -> Bundle:
+    """Load and check a bundle; every way it can be unusable is one ``BundleError``. With a
+    half ``dtype`` the weights are cast after the checks (the entry points take the same ids
+    and lengths; their outputs come in that dtype)."""
     if not folder.is_dir():
         raise BundleError(f"model bundle not found: {folder} is not a folder")
     missing = [f for f in FILES if not (folder / f).is_file()]
@@ -256,7 +263,10 @@ def load(folder: Path, device: str | torch.device = "auto") -> Bundle:
             f"{folder}: the tokenizer has {tokenizer.get_vocab_size()} words but the model's "
             f"embedding table has {rows} rows; {TOKENIZER_FILE} and {MODEL_FILE} do not match"
         )
-    return Bundle(folder, card, model, tokenizer, torch_device)
+    torch_dtype = DTYPES[dtype]
+    if torch_dtype != torch.float32:
+        model = model.to(dtype=torch_dtype)
+    return Bundle(folder, card, model, tokenizer, torch_device, torch_dtype)
 
 
 def save(folder: Path, model: torch.jit.ScriptModule, tokenizer: Tokenizer, card: Card) -> Path:

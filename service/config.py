@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.bundle import resolve_device
+from service.bundle import Dtype, resolve_device
 
 # Lists come from the environment as comma-separated text: SENTIMENT_CORS_ORIGINS=a,b
 CommaList = Annotated[list[str], NoDecode]
@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     model_name: str = Field("imdb-bigru", description="bundle to serve: <model_dir>/<model_name>/")
     device: str = Field(
         "auto", description="auto (CUDA when available), cpu, cuda or cuda:N; checked at start"
+    )
+    dtype: Dtype = Field(
+        "float32",
+        description="precision the model runs in: float32, or float16/bfloat16 (meant for CUDA: "
+        "the weights are cast once at load; a CPU runs them slower than float32)",
     )
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
@@ -50,6 +55,13 @@ class Settings(BaseSettings):
         False, description="truncate over-long inputs when a request does not say 'truncate'"
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
+    tokenization_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="threads that tokenise requests (TEI's --tokenization-workers); more than "
+        "one pays off where the model is faster than one thread can tokenise, e.g. on a GPU",
+    )
     allocator: Literal["jemalloc", "system"] = Field(
         "jemalloc",
         description="jemalloc: `python -m service` runs itself on jemalloc where "

@@ -8,9 +8,12 @@ batch together. Scale out with containers; each is scraped on its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "sentiment"
+CUDA_MEMORY_KINDS = ("allocated", "reserved", "peak")
 _POWERS_OF_TWO = tuple(float(2**i) for i in range(13))  # 1 .. 4096
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(4, 21))  # 16 .. 1M
 _SECONDS = (
@@ -87,6 +90,23 @@ class Metrics:
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The served model (value is always 1)",
-            ["name", "version", "device"],
+            ["name", "version", "device", "dtype"],
             registry=r,
         )
+        # Read at each scrape; only a service on CUDA has samples here.
+        self.cuda_memory = Gauge(
+            f"{PREFIX}_cuda_memory_bytes",
+            "CUDA memory of the model's device: allocated and reserved by torch now, and the "
+            "peak allocated since start",
+            ["kind"],
+            registry=r,
+        )
+
+    def watch_cuda_memory(self, read: Callable[[], dict[str, int] | None]) -> None:
+        """Report ``read()``'s allocated, reserved and peak bytes at every scrape."""
+
+        def reader(kind: str) -> Callable[[], float]:
+            return lambda: float((read() or {}).get(kind, 0))
+
+        for kind in CUDA_MEMORY_KINDS:
+            self.cuda_memory.labels(kind).set_function(reader(kind))

@@ -45,9 +45,12 @@ class Predictor:
         self.batcher = batcher
         self.settings = settings
         self.metrics = metrics
-        # Tokenising in its own thread keeps the event loop free and does not queue behind
-        # inference, which has the batcher's thread.
-        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        # Tokenising in its own threads keeps the event loop free and does not queue behind
+        # inference, which has the batcher's thread. The tokenizer releases the GIL, so
+        # several requests tokenise at once where there are cores for it.
+        self._tokenizer_pool = ThreadPoolExecutor(
+            max_workers=settings.tokenization_workers, thread_name_prefix="tokenize"
+        )
         self._admitted = 0  # texts between admission and answer: tokenising, queued or running
 
     def close(self) -> None:

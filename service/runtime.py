@@ -32,14 +32,20 @@ class ModelRuntime:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
+        self.dtype = loaded.dtype
+        # On CUDA a batch goes to the device from pinned (page-locked) host memory without
+        # blocking; the copy of the logits back is the one synchronisation per batch.
+        self._pin = loaded.device.type == "cuda"
         self.truncation = loaded.card.truncation
         self.temperature = loaded.card.calibration.temperature
         self.negative, self.positive = loaded.card.labels
 
     @classmethod
-    def load(cls, folder: Path, device: str | torch.device = "auto") -> ModelRuntime:
+    def load(
+        cls, folder: Path, device: str | torch.device = "auto", dtype: bundle.Dtype = "float32"
+    ) -> ModelRuntime:
         """``bundle.load`` (a ``BundleError`` for every way it can be unusable), wrapped."""
-        return cls(bundle.load(folder, device))
+        return cls(bundle.load(folder, device, dtype))
 
     # -- preprocess -------------------------------------------------------------------------
     def preprocess(self, texts: list[str]) -> list[Encoded]:
@@ -54,10 +60,25 @@ class ModelRuntime:
     def infer(self, seqs: list[np.ndarray]) -> np.ndarray:
         """POSITIVE logits for one batch of token-id sequences."""
         ids, lengths = bundle.pad(seqs)
+        if self._pin:
+            ids, lengths = ids.pin_memory(), lengths.pin_memory()
         # TorchScript modules reject inference_mode; no_grad is the equivalent here.
         with torch.no_grad():
-            logits = self.model(ids.to(self.device), lengths.to(self.device))
+            logits = self.model(
+                ids.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
+            )
         return logits.float().cpu().numpy()
+
+    def cuda_memory(self) -> dict[str, int] | None:
+        """Bytes torch holds on the model's CUDA device (None on a CPU): allocated to tensors
+        now, reserved by its caching allocator, and the peak allocated since start."""
+        if self.device.type != "cuda":
+            return None
+        return {
+            "allocated": torch.cuda.memory_allocated(self.device),
+            "reserved": torch.cuda.memory_reserved(self.device),
+            "peak": torch.cuda.max_memory_allocated(self.device),
+        }
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8, 64)) -> None:
         """Run the model on a few shapes so the first requests do not pay for lazy set-up."""

@@ -111,9 +111,19 @@ class BatchSettings(BaseModel):
     auto_truncate: bool
 
 
+class CudaMemory(BaseModel):
+    allocated: int
+    reserved: int
+    peak: int
+
+
 class InfoResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 
     model: ModelSummary = Field(description="the served bundle's card, without its training run")
     device: str
+    dtype: str = Field(description="the precision the model runs in (SENTIMENT_DTYPE)")
+    cuda_memory: CudaMemory | None = Field(
+        description="bytes on the CUDA device (null on a CPU), as in sentiment_cuda_memory_bytes"
+    )
     batching: BatchSettings

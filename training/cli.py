@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--batch-size", type=int, default=256, help="reviews per batch")
     evaluate.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="precision to score in, as the service's SENTIMENT_DTYPE (half is meant for CUDA)",
+    )
+    evaluate.add_argument(
         "--tolerance",
         type=float,
         default=0.001,
@@ -247,6 +253,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         resolve_device(args.device),
         args.data_sha256,
         args.batch_size,
+        args.dtype,
     )
     log(format_metrics("test", metrics))
     if "test" not in card.metrics:

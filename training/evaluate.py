@@ -22,12 +22,13 @@ def evaluate_bundle(
     device: torch.device,
     data_sha256: str | None = None,
     batch_size: int = 256,
+    dtype: bundle.Dtype = "float32",
 ) -> tuple[dict[str, Any], bundle.Card]:
     """Test-set metrics of the bundle, and its card. The bundle is read through the contract
     the service reads it with, and scored through its tokenizer and TorchScript file; nothing
     from the training run or its cache is read."""
     try:
-        loaded = bundle.load(folder, device)
+        loaded = bundle.load(folder, device, dtype)
     except bundle.BundleError as exc:
         raise DataError(str(exc)) from exc
     test = load_imdb(data, cache_dir, data_sha256)["test"]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.config import Settings
 from tests.service.conftest import RunningServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +87,12 @@ def test_compose_api_service_is_hardened():
     gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["api"]
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia"
-    assert gpu["environment"]["SENTIMENT_DEVICE"] == "cuda"
+    env = gpu["environment"]
+    assert env["SENTIMENT_DEVICE"] == "cuda"
+    # Every variable is a setting (the service ignores an unknown one, typo or not), and the
+    # queue holds at least two batches beyond the one running, so batches can overlap.
+    assert {k.removeprefix("SENTIMENT_").lower() for k in env} <= set(Settings.model_fields)
+    assert int(env["SENTIMENT_MAX_QUEUE_TEXTS"]) >= 3 * int(env["SENTIMENT_MAX_BATCH_SIZE"])
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import bundle
@@ -249,6 +250,8 @@ def test_health_ready_info_and_docs(server: RunningServer, trained_bundle: Path)
     assert info["model"] == json.loads(summary.model_dump_json())
     assert info["model"]["truncation"] == {"max_length": 32, "head": 12, "tail": 20}
     assert info["device"] == "cpu"
+    assert info["dtype"] == "float32"
+    assert info["cuda_memory"] is None  # a CPU service has no CUDA memory to report
     assert info["batching"]["max_batch_size"] == 64
     assert httpx.get(f"{server.url}/docs").status_code == 200
     spec = httpx.get(f"{server.url}/openapi.json").json()
@@ -310,7 +313,10 @@ def test_metrics_parse_and_cover_the_service(server: RunningServer):
         assert name in families, name
     assert all(n.startswith("sentiment_") for n in families)
     assert metric(server, "sentiment_requests_total", route="/predict", status="422") >= 1
-    assert metric(server, "sentiment_model_info", name="tiny", device="cpu") == 1
+    assert metric(server, "sentiment_model_info", name="tiny", device="cpu", dtype="float32") == 1
+    # The CUDA memory family exists on every service; only one on CUDA has samples.
+    assert "sentiment_cuda_memory_bytes" in families
+    assert not families["sentiment_cuda_memory_bytes"].samples
     buckets = [
         s.labels["le"]
         for s in families["sentiment_batch_size"].samples
@@ -356,3 +362,24 @@ def test_a_request_split_across_batches_is_reassembled_in_order(trained_bundle: 
         assert {g["label"]: g["score"] for g in got} == {
             k: pytest.approx(v, abs=1e-5) for k, v in want.items()
         }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_service_on_cuda_answers_as_on_the_cpu(trained_bundle: Path):
+    texts = ["A great, moving film.", "Dull and clumsy, a waste.", "fine " * 40]
+    body = {"inputs": texts, "parameters": {"function_to_apply": "none"}, "truncate": True}
+    answers = {}
+    runs = (("cpu", "float32", 0.0), ("cuda", "float32", 1e-4), ("cuda", "float16", 1e-2))
+    for device, dtype, atol in runs:
+        with serve(trained_bundle, device=device, dtype=dtype) as server:
+            got = httpx.post(f"{server.url}/predict", json=body, timeout=30).json()
+            answers[device, dtype] = [{g["label"]: g["score"] for g in one} for one in got]
+            if device == "cuda":
+                info = httpx.get(f"{server.url}/info").json()
+                assert info["device"].startswith("cuda")
+                assert info["dtype"] == dtype
+                assert info["cuda_memory"]["allocated"] > 0
+                assert metric(server, "sentiment_cuda_memory_bytes", kind="peak") > 0
+        for ours, cpu in zip(answers[device, dtype], answers["cpu", "float32"], strict=True):
+            assert ours == {k: pytest.approx(v, abs=atol) for k, v in cpu.items()}

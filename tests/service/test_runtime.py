@@ -106,6 +106,37 @@ def test_a_tokenizer_that_truncates_by_itself_is_refused(trained_bundle: Path, t
         ModelRuntime.load(broken, "cpu")
 
 
+@pytest.mark.parametrize(("dtype", "atol"), [("bfloat16", 0.05), ("float16", 0.01)])
+def test_half_precision_casts_the_weights_and_answers_close_to_float32(
+    trained_bundle: Path, dtype: str, atol: float
+):
+    # If the cast missed a tensor, the model would raise on mixed dtypes; if it missed the
+    # weights, the answers would be float32's exactly.
+    full = ModelRuntime.load(trained_bundle, "cpu")
+    half = ModelRuntime.load(trained_bundle, "cpu", dtype)  # type: ignore[arg-type]
+    assert {p.dtype for p in half.model.parameters()} == {getattr(torch, dtype)}
+    seqs = [e.ids for e in full.preprocess(TEXTS)]
+    reference, answers = full.infer(seqs), half.infer(seqs)
+    assert answers.dtype == np.float32  # logits leave the runtime as float32 whatever ran
+    np.testing.assert_allclose(answers, reference, rtol=0, atol=atol)
+    assert not np.array_equal(answers, reference)
+    assert full.cuda_memory() is None
+    assert half.cuda_memory() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_half_precision_answers_close_to_float32(trained_bundle: Path):
+    cpu = ModelRuntime.load(trained_bundle, "cpu")
+    gpu = ModelRuntime.load(trained_bundle, "cuda", "float16")
+    seqs = [e.ids for e in cpu.preprocess(TEXTS)]
+    np.testing.assert_allclose(gpu.infer(seqs), cpu.infer(seqs), rtol=0, atol=0.01)
+    memory = gpu.cuda_memory()
+    assert memory is not None
+    assert 0 < memory["allocated"] <= memory["reserved"]
+    assert memory["peak"] >= memory["allocated"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_answers_match_cpu(trained_bundle: Path):
