@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import reliability, report, servers
+from bench import reliability, report, servers, tokenize
 from bench.loadgen import run_wrk, wrk_available
 from bench.suite import Options, Plan, run
 from service import allocator
@@ -140,3 +140,23 @@ def test_soak_memory_is_judged_on_the_medians_of_whole_minutes():
     # Every 10 s: a minute is six readings, and a batch in flight does not move its median.
     assert reliability.window_median(readings, 10, 60, last=False) == 507.5
     assert reliability.window_median(readings, 10, 60, last=True) == 557.5
+
+
+def test_tokenising_rate_is_reported_per_worker_count(
+    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
+):
+    # bench.tokenize on the tiny bundle: a row per thread count and request size, each rate set
+    # against the GPU target. A rate counted in requests instead of reviews would make the
+    # 64-review rows 64 times too small; this catches that within a wide margin.
+    out = tmp_path / "tokenize.json"
+    args = [str(trained_bundle), "--data", str(imdb_tarball), "--cache-dir", str(tmp_path)]
+    args += ["--reviews", "48", "--workers", "1,2", "--min-seconds", "0.3", "--json", str(out)]
+    assert tokenize.main(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    points = [(r["workers"], r["reviews_per_request"]) for r in rows]
+    assert points == [(1, 1), (2, 1), (1, 64), (2, 64)]
+    for row in rows:
+        assert row["reviews_per_s"] > 0
+        assert row["x_gpu_target"] == pytest.approx(row["reviews_per_s"] / 15_000, abs=1e-3)
+    single, batched = rows[0]["reviews_per_s"], rows[2]["reviews_per_s"]
+    assert batched > single / 8
