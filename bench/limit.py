@@ -2,6 +2,7 @@
 and the CPU levers measured the same way (threads, length grouping, int8 dynamic quantisation).
 
     python -m bench.limit models/imdb-bigru --batch-sizes 1,16,64,256
+    python -m bench.limit models/imdb-bigru --device cuda --dtype float16 --batch-sizes 1,64,1024
 
 Reviews keep their real length spread (tokenised and cut by the bundle's own rules). Two orders
 are timed per batch size: ``random`` (batches as requests arrive) and ``grouped`` (reviews
@@ -49,22 +50,32 @@ def throughput(
     batch_size: int,
     min_seconds: float,
     model: Model | None = None,
+    device: torch.device | None = None,
 ) -> float:
-    """Reviews per second, cycling through ``seqs`` in batches for at least ``min_seconds``."""
+    """Reviews per second, cycling through ``seqs`` in batches for at least ``min_seconds``.
+    On CUDA each batch is copied from pinned host memory and its logits copied back, as the
+    service's runtime does, so the figure includes the transfers and one sync per batch."""
     model = model or runtime.model
+    device = device or runtime.device
     batches = [
         pad_batch(seqs[i : i + batch_size], runtime.truncation)
         for i in range(0, len(seqs), batch_size)
     ]
+    if device.type == "cuda":
+        batches = [(ids.pin_memory(), lengths.pin_memory()) for ids, lengths in batches]
     # Batches in random order, so that a run stopped part-way through a pass still sees a fair
     # sample of lengths (with length-sorted input the first batches are the shortest).
     np.random.default_rng(0).shuffle(batches)
+
+    def run(ids: torch.Tensor, lengths: torch.Tensor) -> None:
+        model(ids.to(device, non_blocking=True), lengths.to(device, non_blocking=True)).cpu()
+
     with torch.no_grad():
-        model(*batches[0])  # warm-up
+        run(*batches[0])  # warm-up
         done, started = 0, time.perf_counter()
         while True:
             for ids, lengths in batches:
-                model(ids, lengths)
+                run(ids, lengths)
                 done += len(lengths)
                 elapsed = time.perf_counter() - started
                 if elapsed >= min_seconds:
@@ -133,7 +144,7 @@ def int8_lever(
     rows = []
     for batch_size in batch_sizes:
         for name, model in (("float32", runtime.model), ("int8", scripted)):
-            rate = throughput(runtime, seqs, batch_size, min_seconds, model)
+            rate = throughput(runtime, seqs, batch_size, min_seconds, model, cpu)
             rows.append({"model": name, "batch_size": batch_size, "reviews_per_s": round(rate, 1)})
             print(f"  {name:<7} batch {batch_size:>4}  {rate:9.1f} reviews/s")
     print(
@@ -174,11 +185,14 @@ def main() -> None:
     parser.add_argument("--reviews", type=int, default=1024, help="test reviews sampled")
     parser.add_argument("--min-seconds", type=float, default=5.0, help="timing per measurement")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    runtime = ModelRuntime.load(args.bundle, "cpu")
+    runtime = ModelRuntime.load(args.bundle, args.device, args.dtype)
+    on_gpu = runtime.device.type == "cuda"
     texts, _ = load_reviews(args.data, args.reviews, seed=0)
     seqs = [e.ids for e in runtime.preprocess(texts)]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -186,6 +200,9 @@ def main() -> None:
     lengths = np.array([len(s) for s in seqs])
     result = {
         "bundle": str(args.bundle),
+        "device": str(runtime.device),
+        "gpu": torch.cuda.get_device_name(runtime.device) if on_gpu else None,
+        "dtype": args.dtype,
         "reviews": args.reviews,
         "tokens_mean": round(float(lengths.mean()), 1),
         "tokens_p50_p90_max": [int(np.percentile(lengths, p)) for p in (50, 90, 100)],

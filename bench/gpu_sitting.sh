@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One GPU sitting (issue 17): every figure this checkout can take on a lent GPU machine, each
+# written under one folder, so that device time goes to measuring only.
+#
+#   bash bench/gpu_sitting.sh OUT [DATA]      # on the device machine: OUT="$OUT"
+#
+# DATA is the IMDb tarball (default ../shared/data/aclImdb_v1.tar.gz). The device machine sees
+# only the repository: copy the tarball (28 MB) into a folder that .git/info/exclude ignores and
+# name it in the call's `carry`, with the wheels of the service's packages that machine lacks
+# (fastapi, starlette, uvicorn, pydantic-settings, python-multipart; /work/.library/device
+# README explains how to fetch and install them). Its python3 holds a CUDA torch.
+#
+# What it runs, in order (each step's output is its own file; a failed step is noted in
+# summary.txt and the sitting goes on):
+#   1. the machine: nvidia-smi, torch and CUDA versions
+#   2. the gpu-marked tests (the HTTP service on CUDA against the CPU, float16 within 1e-2)
+#   3. test-set accuracy per dtype on the 25k reviews: `training evaluate --device cuda`
+#   4. the in-process limit on CUDA, batch 1 to 1024, arrival order and length-sorted, per dtype
+#   5. tokenising on 1 to 12 threads against the 15,000 reviews/s target
+# Not yet here: the service sweep with wrk and the peers on the GPU (`python -m bench` is
+# CPU-only so far) and a GPU soak; see docs/benchmarks.md, "GPU".
+set -uo pipefail
+out=${1:?usage: bench/gpu_sitting.sh OUT [DATA]}
+data=${2:-../shared/data/aclImdb_v1.tar.gz}
+py=${PYTHON:-python3}
+bundle=models/imdb-bigru
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+step() {
+    local name=$1
+    shift
+    echo "[$(date -u +%H:%M:%S)] $name" | tee -a "$out/summary.txt"
+    "$@" >"$out/$name.txt" 2>&1
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "  FAILED (exit $rc): see $name.txt" | tee -a "$out/summary.txt"
+    fi
+}
+
+step machine bash -c "nvidia-smi; $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'"
+step gpu-tests "$py" -m pytest -m gpu -v -p no:cacheprovider tests
+for dtype in float32 float16 bfloat16; do
+    step "evaluate-$dtype" "$py" -m training evaluate "$bundle" --data "$data" \
+        --cache-dir "$out/cache" --device cuda --dtype "$dtype" --batch-size 1024
+    step "limit-$dtype" "$py" -m bench.limit "$bundle" --data "$data" --device cuda \
+        --dtype "$dtype" --batch-sizes 1,16,64,256,512,1024 --reviews 4096 --min-seconds 3 \
+        --json "$out/limit-$dtype.json"
+done
+step tokenize "$py" -m bench.tokenize "$bundle" --data "$data" --cache-dir "$out/cache" \
+    --workers 1,2,4,8,12 --json "$out/tokenize.json"
+rm -rf "$out/cache"
+echo "[$(date -u +%H:%M:%S)] done: $out" | tee -a "$out/summary.txt"
