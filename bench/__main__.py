@@ -2,6 +2,7 @@
 
     python -m bench --quick                 # < 10 minutes; writes .cache/bench/quick/
     python -m bench --out docs/benchmarks   # the full run recorded in docs/benchmarks.md
+    python -m bench --device cuda --out DIR # a GPU sitting: more clients, batches of 512
 
 Needs ``wrk`` (apt-get install wrk) and, for TorchServe, Java 17. The peers' virtual
 environments are created on first use under the work folder; pip must find a CPU build of
@@ -12,12 +13,13 @@ torch (here PIP_FIND_LINKS does; elsewhere pass
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
 from bench.loadgen import wrk_available
-from bench.suite import FULL, QUICK, Options, run
+from bench.suite import FULL, GPU, QUICK, Options, run
 from training.config import default_data_source
 
 
@@ -34,12 +36,20 @@ def main(argv: list[str] | None = None) -> int:
         "--peers", default="litserve,torchserve", help="comma-separated; empty for none"
     )
     parser.add_argument("--torch-pip-args", default="", help="extra pip arguments for torch")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N: where every server and the limit run"
+    )
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
     if not wrk_available():
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
-    plan = QUICK if args.quick else FULL
-    out = args.out or args.workdir / ("quick" if args.quick else "full")
+    on_gpu = args.device != "cpu"
+    plan = GPU if on_gpu else QUICK if args.quick else FULL
+    if on_gpu and args.quick:
+        plan = dataclasses.replace(GPU, reviews=1024, seconds=4, limit_seconds=1)
+    kind = ("gpu-" if on_gpu else "") + ("quick" if args.quick else "full")
+    out = args.out or args.workdir / kind
     options = Options(
         bundle=args.bundle,
         data=args.data,
@@ -49,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         peers=tuple(p for p in args.peers.split(",") if p),
         torch_pip_args=shlex.split(args.torch_pip_args),
         command="python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        device=args.device,
+        dtype=args.dtype,
     )
     run(options)
     return 0

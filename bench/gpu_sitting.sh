@@ -17,8 +17,9 @@
 #   3. test-set accuracy per dtype on the 25k reviews: `training evaluate --device cuda`
 #   4. the in-process limit on CUDA, batch 1 to 1024, arrival order and length-sorted, per dtype
 #   5. tokenising on 1 to 12 threads against the 15,000 reviews/s target
-# Not yet here: the service sweep with wrk and the peers on the GPU (`python -m bench` is
-# CPU-only so far) and a GPU soak; see docs/benchmarks.md, "GPU".
+#   6. the service sweep: `python -m bench --device cuda --peers ""` (needs wrk there; the peers
+#      need their own CUDA venvs, so they are a separate call when the machine allows it)
+# Not yet here: a GPU soak; see docs/benchmarks.md, "GPU".
 set -uo pipefail
 out=${1:?usage: bench/gpu_sitting.sh OUT [DATA]}
 data=${2:-../shared/data/aclImdb_v1.tar.gz}
@@ -49,5 +50,8 @@ for dtype in float32 float16 bfloat16; do
 done
 step tokenize "$py" -m bench.tokenize "$bundle" --data "$data" --cache-dir "$out/cache" \
     --workers 1,2,4,8,12 --json "$out/tokenize.json"
+step bench-float32 "$py" -m bench --device cuda --peers "" --data "$data" --out "$out/bench-float32"
+step bench-float16 "$py" -m bench --device cuda --dtype float16 --peers "" --data "$data" \
+    --out "$out/bench-float16"
 rm -rf "$out/cache"
 echo "[$(date -u +%H:%M:%S)] done: $out" | tee -a "$out/summary.txt"

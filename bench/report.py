@@ -164,16 +164,19 @@ def levers_table(results: dict[str, Any]) -> str:
     ]
     rows += [
         ("threads", f"{r['threads']} thread(s), batch {r['batch_size']}", r["reviews_per_s"])
-        for r in results["threads"]
+        for r in results.get("threads", [])
     ]
+    int8 = results.get("int8")  # a CPU lever: absent from a GPU sitting
+    if int8 is None:
+        return markdown_table(["measure", "setting", "reviews/s"], rows)
     rows += [
         ("int8", f"{r['model']}, batch {r['batch_size']}", r["reviews_per_s"])
-        for r in results["int8"]["throughput"]
+        for r in int8["throughput"]
     ]
-    acc = results["int8"]["accuracy"]
+    acc = int8["accuracy"]
     table = markdown_table(["measure", "setting", "reviews/s"], rows)
     return (
-        f"{table}\n\nint8 accuracy change on {results['int8']['reviews']} test reviews: "
+        f"{table}\n\nint8 accuracy change on {int8['reviews']} test reviews: "
         f"float32 {acc['float32']:.4f}, int8 {acc['int8']:.4f} "
         f"({100 * (acc['int8'] - acc['float32']):+.2f} points)."
     )
@@ -200,7 +203,8 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients (single-review requests)")
     ax.set_ylabel("reviews per second")
-    ax.set_title(f"Throughput vs concurrency ({results['machine']['cores']} CPU cores)")
+    where = results.get("device", {}).get("gpu") or f"{results['machine']['cores']} CPU cores"
+    ax.set_title(f"Throughput vs concurrency ({where})")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -246,7 +250,8 @@ def write(results: dict[str, Any], out: Path) -> str:
             "our better configuration)" + f"; {results['minutes']} minutes.  \n"
             f"Workload: {w['reviews']} IMDb test reviews, tokens mean {w['tokens_mean']}, "
             f"p50/p90/max {w['tokens_p50_p90_max']}; model {w['model']} "
-            f"({w['parameters']} parameters).",
+            f"({w['parameters']} parameters)."
+            + (f"  \nDevice: {results['device']}." if "device" in results else ""),
             "## Ratios",
             table,
             "## Concurrency sweep (closed loop, wrk, single-review requests)",

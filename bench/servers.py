@@ -199,8 +199,9 @@ def peer_python(venv_root: Path, peer: str, torch_pip_args: list[str]) -> Path:
     return python
 
 
-def _peer_env(bundle: Path, threads: int | None) -> dict[str, str]:
+def _peer_env(bundle: Path, threads: int | None, device: str, dtype: str) -> dict[str, str]:
     env = {"BENCH_REPO_ROOT": str(REPO_ROOT), "BENCH_BUNDLE": str(bundle.resolve())}
+    env |= {"BENCH_DEVICE": device, "BENCH_DTYPE": dtype}
     if threads:
         env["BENCH_TORCH_THREADS"] = str(threads)
     return env
@@ -215,12 +216,15 @@ def litserve(
     max_batch_size: int,
     wait_s: float,
     threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> Iterator[Server]:
     port = free_port()
     script = str(PEERS / "litserve_server.py")
     command = [str(python.absolute()), script, str(port), str(max_batch_size), str(wait_s)]
     url = f"http://127.0.0.1:{port}/predict"
-    with _serve("litserve", command, url, _peer_env(bundle, threads), workdir, probe) as server:
+    env = _peer_env(bundle, threads, device, dtype)
+    with _serve("litserve", command, url, env, workdir, probe) as server:
         yield server
 
 
@@ -233,6 +237,8 @@ def torchserve(
     max_batch_size: int,
     wait_ms: int,
     threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> Iterator[Server]:
     # Absolute paths: TorchServe runs in workdir. (absolute(), not resolve(): the venv's python
     # is a symlink that must stay inside the venv.)
@@ -279,7 +285,7 @@ def torchserve(
         f"--ts-config={workdir / 'config.properties'}",
         "--disable-token-auth",
     ]
-    env = {**_peer_env(bundle, threads), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {**_peer_env(bundle, threads, device, dtype), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     url = f"http://127.0.0.1:{port}/predictions/sentiment"
     with _serve("torchserve", command, url, env, workdir, probe) as server:
         yield server

@@ -1,6 +1,7 @@
 """One benchmark sitting: the model's in-process limit and CPU levers, then our server, our
 server without batching, LitServe and TorchServe under the same closed-loop sweep of wrk
-clients, then the ratio table (``bench.report``)."""
+clients, then the ratio table (``bench.report``). On a GPU (``Options.device``) every server
+and the limit run there, and the CPU levers (torch threads, int8) are left out."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from bench import limit, report, servers
 from bench.loadgen import LoadResult, run_wrk
 from bench.workload import Workload, build
+from service.bundle import Dtype
 from service.runtime import ModelRuntime
 
 
@@ -31,10 +34,26 @@ class Plan:
     limit_seconds: float
     lever_reviews: int  # reviews scored by float32 and int8 for the accuracy change
     batch32_clients: int = 8  # 8 x 32 texts in flight, well inside the default queue bound
+    cpu_levers: bool = True  # torch threads and int8: levers of a CPU service only
+    max_batch_size: int = 64  # ours and the peers alike
 
 
 QUICK = Plan(512, 4, 2, (1, 4, 16, 64, 256), (1, 16, 64, 128), 2, 1000)
 FULL = Plan(2048, 15, 4, (1, 4, 16, 64, 256), (1, 16, 64, 128, 256), 5, 5000)
+# A GPU answers thousands of reviews a second: more distinct reviews, more clients, batches of
+# up to 512 in the servers and up to 1,024 in-process (issue 17's sitting).
+GPU = Plan(
+    4096,
+    15,
+    4,
+    (1, 4, 16, 64, 256, 1024),
+    (1, 16, 64, 256, 512, 1024),
+    3,
+    0,
+    batch32_clients=32,
+    cpu_levers=False,
+    max_batch_size=512,
+)
 
 
 @dataclass
@@ -47,9 +66,19 @@ class Options:
     cache_dir: Path = Path(".cache")  # where the IMDb data is read and cached
     peers: tuple[str, ...] = ("litserve", "torchserve")
     torch_pip_args: list[str] = field(default_factory=list)
-    max_batch_size: int = 64
     peer_max_wait_ms: float = 2.0  # their batch timeout; ours runs with its own default
     command: str = ""
+    device: str = "cpu"  # where every server and the in-process limit run
+    dtype: Dtype = "float32"
+
+    def ours_env(self) -> dict[str, str]:
+        env = {"SENTIMENT_DEVICE": self.device, "SENTIMENT_DTYPE": self.dtype}
+        if self.device != "cpu":
+            # Room for two batches queued behind the running one, and tokenising on as many
+            # threads as docker-compose.gpu.yml gives it.
+            env["SENTIMENT_MAX_QUEUE_TEXTS"] = str(3 * self.plan.max_batch_size)
+            env["SENTIMENT_TOKENIZATION_WORKERS"] = "4"
+        return env
 
 
 def _sweep(name: str, server: servers.Server, work: Workload, plan: Plan) -> dict[str, Any]:
@@ -77,19 +106,18 @@ ServerFactory = Callable[[], AbstractContextManager[servers.Server]]
 
 
 def _ours(options: Options, probe: bytes) -> list[tuple[str, ServerFactory]]:
-    wd, bundle, batch = options.workdir, options.bundle, options.max_batch_size
-    return [
-        ("ours", partial(servers.ours, bundle, wd / "ours", probe, batch)),
-        (
-            "ours-unbatched",
-            partial(servers.ours, bundle, wd / "unbatched", probe, 1, name="ours-unbatched"),
-        ),
-        # The threads lever in the server, where HTTP, tokenising and wrk want a core too.
-        (
-            "ours-1thread",
-            partial(servers.ours, bundle, wd / "1thread", probe, batch, 1, "ours-1thread"),
-        ),
+    wd, bundle, batch = options.workdir, options.bundle, options.plan.max_batch_size
+    serve = partial(servers.ours, bundle, extra_env=options.ours_env())
+    configs: list[tuple[str, ServerFactory]] = [
+        ("ours", partial(serve, wd / "ours", probe, batch)),
+        ("ours-unbatched", partial(serve, wd / "unbatched", probe, 1, name="ours-unbatched")),
     ]
+    if options.plan.cpu_levers:
+        # The threads lever in the server, where HTTP, tokenising and wrk want a core too.
+        configs.append(
+            ("ours-1thread", partial(serve, wd / "1thread", probe, batch, 1, "ours-1thread"))
+        )
+    return configs
 
 
 def _peers(
@@ -97,7 +125,8 @@ def _peers(
 ) -> tuple[list[tuple[str, ServerFactory]], dict[str, str]]:
     """The peers, with the batching and torch threads of our best configuration, and their
     package versions."""
-    wd, bundle, batch = options.workdir, options.bundle, options.max_batch_size
+    wd, bundle, batch = options.workdir, options.bundle, options.plan.max_batch_size
+    on = {"device": options.device, "dtype": options.dtype}
     configs: list[tuple[str, ServerFactory]] = []
     versions = {}
     for peer in options.peers:
@@ -107,12 +136,12 @@ def _peers(
         if peer == "litserve":
             wait_s = options.peer_max_wait_ms / 1000
             factory = partial(
-                servers.litserve, python, bundle, folder, probe, batch, wait_s, threads
+                servers.litserve, python, bundle, folder, probe, batch, wait_s, threads, **on
             )
         else:
             wait_ms = round(options.peer_max_wait_ms)
             factory = partial(
-                servers.torchserve, python, bundle, folder, probe, batch, wait_ms, threads
+                servers.torchserve, python, bundle, folder, probe, batch, wait_ms, threads, **on
             )
         configs.append((peer, factory))
     return configs, versions
@@ -145,7 +174,7 @@ def run(options: Options) -> dict[str, Any]:
     print(f"machine: {results['machine']}", flush=True)
 
     work = build(options.data, options.cache_dir, options.workdir / "bodies", plan.reviews)
-    runtime = ModelRuntime.load(options.bundle, "cpu")
+    runtime = ModelRuntime.load(options.bundle, options.device, options.dtype)
     seqs = [e.ids for e in runtime.preprocess(work.reviews)]
     lengths = np.array([len(s) for s in seqs])
     results["workload"] = {
@@ -156,24 +185,30 @@ def run(options: Options) -> dict[str, Any]:
         "parameters": runtime.card.parameters,
     }
 
-    print("limit: in-process TorchScript, no HTTP", flush=True)
+    results["device"] = {"device": str(runtime.device), "dtype": options.dtype}
+    if runtime.device.type == "cuda":
+        results["device"]["gpu"] = torch.cuda.get_device_name(runtime.device)
+
+    print(f"limit: in-process TorchScript on {runtime.device}, no HTTP", flush=True)
     results["limit"] = limit.sweep(runtime, seqs, list(plan.limit_batch_sizes), plan.limit_seconds)
-    print("lever: torch threads", flush=True)
-    results["threads"] = limit.thread_lever(runtime, seqs, [1, 64], plan.limit_seconds)
-    print("lever: int8 dynamic quantisation", flush=True)
-    texts, labels = limit.load_reviews(
-        options.data, plan.lever_reviews, seed=1, cache_dir=options.cache_dir
-    )
-    lever_seqs = [e.ids for e in runtime.preprocess(texts)]
-    results["int8"] = limit.int8_lever(runtime, lever_seqs, labels, [1, 64], plan.limit_seconds)
+    if plan.cpu_levers:
+        print("lever: torch threads", flush=True)
+        results["threads"] = limit.thread_lever(runtime, seqs, [1, 64], plan.limit_seconds)
+        print("lever: int8 dynamic quantisation", flush=True)
+        texts, labels = limit.load_reviews(
+            options.data, plan.lever_reviews, seed=1, cache_dir=options.cache_dir
+        )
+        lever_seqs = [e.ids for e in runtime.preprocess(texts)]
+        results["int8"] = limit.int8_lever(runtime, lever_seqs, labels, [1, 64], plan.limit_seconds)
 
     results["servers"] = _measure(_ours(options, work.probe()), work, plan)
     # Peers run with the torch threads that served best here: the same setting for everyone.
     best = {
         name: max(p["texts_per_s"] for p in results["servers"][name]["single"])
         for name in ("ours", "ours-1thread")
+        if name in results["servers"]
     }
-    threads = 1 if best["ours-1thread"] > best["ours"] else None
+    threads = 1 if best.get("ours-1thread", 0) > best["ours"] else None
     results["peer_threads"] = threads
     peer_configs, results["peers"] = _peers(options, work.probe(), threads)
     results["servers"].update(_measure(peer_configs, work, plan))

@@ -22,7 +22,11 @@ class SentimentAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         if os.environ.get("BENCH_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
-        self.runtime = ModelRuntime.load(Path(os.environ["BENCH_BUNDLE"]), "cpu")
+        self.runtime = ModelRuntime.load(
+            Path(os.environ["BENCH_BUNDLE"]),
+            os.environ.get("BENCH_DEVICE", "cpu"),
+            os.environ.get("BENCH_DTYPE", "float32"),  # type: ignore[arg-type]
+        )
         self.runtime.warmup()
 
     def decode_request(self, request: dict[str, Any]) -> np.ndarray:
@@ -48,7 +52,8 @@ def main() -> None:
         api, server_kwargs = SentimentAPI(**batching), {}
     except TypeError:
         api, server_kwargs = SentimentAPI(), batching
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, **server_kwargs)
+    accelerator = "cuda" if os.environ.get("BENCH_DEVICE", "cpu").startswith("cuda") else "cpu"
+    server = ls.LitServer(api, accelerator=accelerator, workers_per_device=1, **server_kwargs)
     # Access logs off, as in our server's benchmark configuration.
     run_kwargs: dict[str, Any] = {"port": port, "host": "127.0.0.1", "log_level": "warning"}
     try:

@@ -33,7 +33,11 @@ def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
     if _runtime is None:
         if os.environ.get("BENCH_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
-        _runtime = ModelRuntime.load(Path(context.system_properties["model_dir"]), "cpu")
+        _runtime = ModelRuntime.load(
+            Path(context.system_properties["model_dir"]),
+            os.environ.get("BENCH_DEVICE", "cpu"),
+            os.environ.get("BENCH_DTYPE", "float32"),  # type: ignore[arg-type]
+        )
         _runtime.warmup()
     if data is None:
         return None

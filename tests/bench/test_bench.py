@@ -11,7 +11,7 @@ import pytest
 
 from bench import reliability, report, servers, tokenize
 from bench.loadgen import run_wrk, wrk_available
-from bench.suite import Options, Plan, run
+from bench.suite import FULL, GPU, Options, Plan, run
 from service import allocator
 
 needs_wrk = pytest.mark.skipif(not wrk_available(), reason="wrk is not installed")
@@ -99,9 +99,12 @@ def test_ratio_table_verdicts():
 
 @pytest.mark.slow
 @needs_wrk
+@pytest.mark.parametrize("cpu_levers", [True, False], ids=["cpu-sitting", "gpu-shaped"])
 def test_a_miniature_sitting_writes_the_report(
-    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
+    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path, cpu_levers: bool
 ):
+    # The GPU-shaped sitting (no CPU levers, a dtype for every server) runs here on the CPU in
+    # bfloat16: what a GPU sitting changes besides the device must work before a GPU is lent.
     plan = Plan(
         reviews=40,
         seconds=1,
@@ -111,6 +114,7 @@ def test_a_miniature_sitting_writes_the_report(
         limit_seconds=0.2,
         lever_reviews=40,
         batch32_clients=1,
+        cpu_levers=cpu_levers,
     )
     out = tmp_path / "out"
     options = Options(
@@ -122,17 +126,38 @@ def test_a_miniature_sitting_writes_the_report(
         cache_dir=tmp_path / "cache",
         peers=(),
         command="pytest",
+        dtype="float32" if cpu_levers else "bfloat16",
     )
     results = run(options)
-    assert set(results["servers"]) == {"ours", "ours-unbatched", "ours-1thread"}
+    servers_run = {"ours", "ours-unbatched"} | ({"ours-1thread"} if cpu_levers else set())
+    assert set(results["servers"]) == servers_run
+    assert results["device"] == {"device": "cpu", "dtype": options.dtype}
     for name in ("results.json", "report.md", "throughput.png", "latency_cdf.png"):
         assert (out / name).stat().st_size > 0
     text = (out / "report.md").read_text()
     assert "ours / ours with max batch 1" in text
-    assert "int8 accuracy change on 40 test reviews" in text
+    assert ("int8 accuracy change on 40 test reviews" in text) is cpu_levers
     assert all(
         p["statuses"] == {"2xx": p["requests"]} for p in results["servers"]["ours"]["single"]
     )
+
+
+def test_a_gpu_sitting_starts_our_server_for_the_gpu(tmp_path: Path):
+    # Ours in a GPU sitting: on the device, in the dtype, with its queue three batches deep
+    # and tokenising on four threads (docker-compose.gpu.yml's settings); on a CPU, as shipped.
+    def options(device: str, plan: Plan) -> Options:
+        return Options(tmp_path, "", tmp_path, tmp_path, plan, device=device, dtype="float16")
+
+    assert options("cuda", GPU).ours_env() == {
+        "SENTIMENT_DEVICE": "cuda",
+        "SENTIMENT_DTYPE": "float16",
+        "SENTIMENT_MAX_QUEUE_TEXTS": "1536",
+        "SENTIMENT_TOKENIZATION_WORKERS": "4",
+    }
+    assert options("cpu", FULL).ours_env() == {
+        "SENTIMENT_DEVICE": "cpu",
+        "SENTIMENT_DTYPE": "float16",
+    }
 
 
 def test_soak_memory_is_judged_on_the_medians_of_whole_minutes():
