@@ -5,10 +5,16 @@
 #   bash bench/gpu_sitting.sh OUT [DATA]      # on the device machine: OUT="$OUT"
 #
 # DATA is the IMDb tarball (default ../shared/data/aclImdb_v1.tar.gz). The device machine sees
-# only the repository: copy the tarball (28 MB) into a folder that .git/info/exclude ignores and
-# name it in the call's `carry`, with the wheels of the service's packages that machine lacks
-# (fastapi, starlette, uvicorn, pydantic-settings, python-multipart; /work/.library/device
-# README explains how to fetch and install them). Its python3 holds a CUDA torch.
+# only the repository, and its python3 (3.12, a CUDA torch) lacks the service's web packages.
+# Before the call, here (both folders ignored through .git/info/exclude, 31 MB together):
+#   mkdir -p .gpu-data && cp ../shared/data/aclImdb_v1.tar.gz .gpu-data/
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl fastapi starlette uvicorn pydantic pydantic-core \
+#     pydantic-settings annotated-types typing-inspection python-dotenv   # this venv's versions
+# and the call carries [".whl", ".gpu-data"] and runs
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+#   PYTHONPATH=/tmp/site:. bash bench/gpu_sitting.sh "$OUT" .gpu-data/aclImdb_v1.tar.gz
+# The service sweep also needs wrk there (step 6 fails without it; the rest goes on).
 #
 # What it runs, in order (each step's output is its own file; a failed step is noted in
 # summary.txt and the sitting goes on):
@@ -40,7 +46,9 @@ step() {
 }
 
 step machine bash -c "nvidia-smi; $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'"
-step gpu-tests "$py" -m pytest -m gpu -v -p no:cacheprovider tests
+# Only the files that hold gpu tests: the others import packages the machine lacks.
+step gpu-tests "$py" -m pytest -m gpu -v -p no:cacheprovider tests/service/test_runtime.py \
+    tests/service/test_app.py tests/training/test_cli.py
 for dtype in float32 float16 bfloat16; do
     step "evaluate-$dtype" "$py" -m training evaluate "$bundle" --data "$data" \
         --cache-dir "$out/cache" --device cuda --dtype "$dtype" --batch-size 1024
