@@ -82,12 +82,13 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _verdict(short["p50_ms"] <= 15),
             )
         )
-    batch32 = runs["ours"].get("batch32")
-    if batch32:
+    batched = runs["ours"].get("batched")
+    if batched:
         rows.append(
             (
-                f"ours, {batch32['connections']} clients x 32 texts per request",
-                f"{batch32['texts_per_s']:.0f} texts/s, p99 {batch32['p99_ms']:.0f} ms",
+                f"ours, {batched['connections']} clients x {batched['texts_per_request']} texts "
+                "per request",
+                f"{batched['texts_per_s']:.0f} texts/s, p99 {batched['p99_ms']:.0f} ms",
                 "(reference)",
                 "",
             )

@@ -33,7 +33,8 @@ class Plan:
     limit_batch_sizes: tuple[int, ...]
     limit_seconds: float
     lever_reviews: int  # reviews scored by float32 and int8 for the accuracy change
-    batch32_clients: int = 8  # 8 x 32 texts in flight, well inside the default queue bound
+    batched_clients: int = 8  # 8 x 32 texts in flight, well inside the default queue bound
+    texts_per_request: int = 32  # of the batched requests
     cpu_levers: bool = True  # torch threads and int8: levers of a CPU service only
     max_batch_size: int = 64  # ours and the peers alike
 
@@ -50,7 +51,8 @@ GPU = Plan(
     (1, 16, 64, 256, 512, 1024),
     3,
     0,
-    batch32_clients=32,
+    batched_clients=16,  # 16 x 64 texts: two batches of 512 in flight, inside the queue bound
+    texts_per_request=64,
     cpu_levers=False,
     max_batch_size=512,
 )
@@ -159,9 +161,10 @@ def _measure(
                 result = run_wrk(server.url, work.short, 1, plan.seconds)
                 measured["short_c1"] = result.summary()
                 _say(name, "1 client, short review", result)
-                result = run_wrk(server.url, work.batch32, plan.batch32_clients, plan.seconds, 32)
-                measured["batch32"] = result.summary()
-                _say(name, f"{plan.batch32_clients} clients x 32 texts", result)
+                n = work.texts_per_request
+                result = run_wrk(server.url, work.batched, plan.batched_clients, plan.seconds, n)
+                measured["batched"] = result.summary()
+                _say(name, f"{plan.batched_clients} clients x {n} texts", result)
         measured_all[name] = measured
     return measured_all
 
@@ -173,7 +176,13 @@ def run(options: Options) -> dict[str, Any]:
     results["command"] = options.command
     print(f"machine: {results['machine']}", flush=True)
 
-    work = build(options.data, options.cache_dir, options.workdir / "bodies", plan.reviews)
+    work = build(
+        options.data,
+        options.cache_dir,
+        options.workdir / "bodies",
+        plan.reviews,
+        texts_per_request=plan.texts_per_request,
+    )
     runtime = ModelRuntime.load(options.bundle, options.device, options.dtype)
     seqs = [e.ids for e in runtime.preprocess(work.reviews)]
     lengths = np.array([len(s) for s in seqs])

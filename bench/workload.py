@@ -17,8 +17,9 @@ SHORT_WORDS = 40  # "one short review": at most this many words
 class Workload:
     reviews: list[str]
     single: Path  # one review per request
-    batch32: Path  # 32 reviews per request
+    batched: Path  # ``texts_per_request`` reviews per request
     short: Path  # one short review per request
+    texts_per_request: int
 
     def probe(self) -> bytes:
         return json.dumps({"inputs": self.reviews[0]}).encode()
@@ -29,16 +30,20 @@ def _write(path: Path, bodies: list[object]) -> Path:
     return path
 
 
-def build(data: str, cache_dir: Path, folder: Path, count: int, seed: int = 0) -> Workload:
+def build(
+    data: str, cache_dir: Path, folder: Path, count: int, seed: int = 0, texts_per_request: int = 32
+) -> Workload:
     """``count`` test reviews drawn at random (the mix of lengths the test set has)."""
     texts = [t for t in load_imdb(data, cache_dir)["test"].texts if t.strip()]
     reviews = random.Random(seed).sample(texts, count)
     short = [t for t in texts if len(t.split()) <= SHORT_WORDS][:200]
     folder.mkdir(parents=True, exist_ok=True)
-    batches = [reviews[i : i + 32] for i in range(0, len(reviews) - 31, 32)]
+    n = texts_per_request
+    batches = [reviews[i : i + n] for i in range(0, len(reviews) - n + 1, n)]
     return Workload(
         reviews=reviews,
         single=_write(folder / "single.jsonl", list(reviews)),
-        batch32=_write(folder / "batch32.jsonl", list(batches)),
+        batched=_write(folder / f"batch{n}.jsonl", list(batches)),
         short=_write(folder / "short.jsonl", list(short)),
+        texts_per_request=n,
     )

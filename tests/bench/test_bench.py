@@ -113,7 +113,7 @@ def test_a_miniature_sitting_writes_the_report(
         limit_batch_sizes=(1, 8),
         limit_seconds=0.2,
         lever_reviews=40,
-        batch32_clients=1,
+        batched_clients=1,
         cpu_levers=cpu_levers,
     )
     out = tmp_path / "out"
