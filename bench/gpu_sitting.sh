@@ -25,7 +25,7 @@
 #   5. tokenising on 1 to 12 threads against the 15,000 reviews/s target
 #   6. the service sweep: `python -m bench --device cuda --peers ""` (needs wrk there; the peers
 #      need their own CUDA venvs, so they are a separate call when the machine allows it)
-# Not yet here: a GPU soak; see docs/benchmarks.md, "GPU".
+#   7. a 5-minute soak on CUDA at 0.8x of saturation: host and CUDA memory (needs wrk)
 set -uo pipefail
 out=${1:?usage: bench/gpu_sitting.sh OUT [DATA]}
 data=${2:-../shared/data/aclImdb_v1.tar.gz}
@@ -61,5 +61,8 @@ step tokenize "$py" -m bench.tokenize "$bundle" --data "$data" --cache-dir "$out
 step bench-float32 "$py" -m bench --device cuda --peers "" --data "$data" --out "$out/bench-float32"
 step bench-float16 "$py" -m bench --device cuda --dtype float16 --peers "" --data "$data" \
     --out "$out/bench-float16"
+SENTIMENT_DEVICE=cuda SENTIMENT_MAX_BATCH_SIZE=512 SENTIMENT_MAX_QUEUE_TEXTS=1536 \
+    SENTIMENT_TOKENIZATION_WORKERS=4 step soak "$py" -m bench.reliability soak --seconds 300 \
+    --calibrate 30 --data "$data" --json "$out/soak.json"
 rm -rf "$out/cache"
 echo "[$(date -u +%H:%M:%S)] done: $out" | tee -a "$out/summary.txt"

@@ -13,8 +13,10 @@ is reported next to the target. Pass/fail:
 - overload: only 200/429/504 answers, never 5xx nor a dropped connection; afterwards the
   median latency of single requests is back within 1.5x of the idle median within 5 s;
 - soak: every request answered 200, and resident memory grows under 10% from the first minute
-  of load to the last (medians of samples every second). Saturation is measured again after
-  the load and reported beside the first, to show whether the machine's speed drifted.
+  of load to the last (medians of samples every second); on a service on CUDA
+  (``SENTIMENT_DEVICE=cuda`` in the environment) the CUDA memory torch reserves too (from its
+  ``/metrics``, every 5 s). Saturation is measured again after the load and reported beside the
+  first, to show whether the machine's speed drifted.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ import json
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import servers
 from bench.loadgen import LoadResult, run_wrk
@@ -38,6 +43,7 @@ from training.config import default_data_source
 MAX_CONNECTIONS = 2000  # below uvicorn's accept backlog (2048)
 ALLOWED_UNDER_OVERLOAD = {"2xx", "429", "504"}
 RSS_EVERY_S = 1  # readings swing by 100 MB with the batch in flight: many of them per minute
+CUDA_EVERY_S = 5  # each reading is a /metrics request to the server under test
 
 
 def single_latency_ms(url: str, body: bytes, n: int) -> float:
@@ -51,20 +57,33 @@ def single_latency_ms(url: str, body: bytes, n: int) -> float:
     return statistics.median(samples) * 1e3
 
 
-class RssSampler:
-    """Resident memory of a process every ``every_s`` seconds, in a background thread."""
+def cuda_reserved_mb(base_url: str) -> float | None:
+    """The CUDA memory the service's torch reserves, from its ``/metrics``; None off CUDA."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "sentiment_cuda_memory_bytes":
+            for sample in family.samples:
+                if sample.labels.get("kind") == "reserved":
+                    return sample.value / 2**20
+    return None
 
-    def __init__(self, pid: int, every_s: float) -> None:
-        self.pid, self.every_s = pid, every_s
+
+class Sampler:
+    """``read()`` every ``every_s`` seconds, in a background thread."""
+
+    def __init__(self, read: Callable[[], float | None], every_s: float) -> None:
+        self.read, self.every_s = read, every_s
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.samples.append(round(servers.rss_mb(self.pid), 1))
+            value = self.read()
+            if value is not None:
+                self.samples.append(round(value, 1))
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -106,7 +125,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Think times run to tens of seconds, their exponential tail past 300 s: idle connections
     # must stay open meanwhile, or wrk counts each one the server closed as a read error.
     server_env = {"SENTIMENT_KEEP_ALIVE_S": "3600"}
-    with servers.ours(args.bundle, workdir, probe, extra_env=server_env) as server:
+    # The batch size of the environment's settings (SENTIMENT_MAX_BATCH_SIZE), like the rest.
+    batch = Settings().max_batch_size
+    with servers.ours(args.bundle, workdir, probe, batch, extra_env=server_env) as server:
+        base_url = server.url.removesuffix("/predict")
+        on_cuda = cuda_reserved_mb(base_url) is not None
         result["allocator"] = "jemalloc" if servers.maps_jemalloc(server.pid) else "system"
         idle_p50 = single_latency_ms(server.url, probe, 20)
         # 256 closed-loop clients: where our throughput peaks (docs/benchmarks.md).
@@ -118,7 +141,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         factor = args.factor or (3.0 if args.mode == "overload" else 0.8)
         rss_start = servers.rss_mb(server.pid)
         overload = args.mode == "overload"
-        with RssSampler(server.pid, every_s=RSS_EVERY_S) as rss:
+        with ExitStack() as samplers:
+            rss = samplers.enter_context(Sampler(lambda: servers.rss_mb(server.pid), RSS_EVERY_S))
+            cuda = Sampler(lambda: cuda_reserved_mb(base_url), CUDA_EVERY_S)
+            if on_cuda:
+                samplers.enter_context(cuda)
             # The latency at saturation over-estimates the latency below it: errs towards load.
             latency_s = calibration.p(50) / 1000
             load = offer(
@@ -137,6 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rss_every_s=RSS_EVERY_S,
             rss_samples_mb=rss.samples,
         )
+        if on_cuda:
+            result.update(cuda_every_s=CUDA_EVERY_S, cuda_reserved_samples_mb=cuda.samples)
         print(json.dumps(load.summary()["statuses"]), flush=True)
         if args.mode == "overload":
             recovered_after = None
@@ -173,10 +202,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rss_last_minute_median_mb=final,
                 rss_growth=round(growth, 4),
             )
+            cuda_growth = 0.0
+            if on_cuda:
+                cuda_first = window_median(cuda.samples, CUDA_EVERY_S, 60, last=False)
+                cuda_final = window_median(cuda.samples, CUDA_EVERY_S, 60, last=True)
+                cuda_growth = (cuda_final - cuda_first) / max(cuda_first, 1e-9)
+                result["cuda_reserved_growth"] = round(cuda_growth, 4)
             result["passed"] = bool(
                 set(load.statuses) == {"2xx"}
                 and not load.socket_errors
                 and growth < 0.10
+                and cuda_growth < 0.10
                 and after > 0
             )
     return result

@@ -4,6 +4,7 @@ the tiny exported bundle, and one miniature sitting of the whole suite."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,6 +159,21 @@ def test_a_gpu_sitting_starts_our_server_for_the_gpu(tmp_path: Path):
         "SENTIMENT_DEVICE": "cpu",
         "SENTIMENT_DTYPE": "float16",
     }
+
+
+def test_soak_samplers_read_the_server(ours: servers.Server):
+    # The soak samples resident memory always, and CUDA memory from /metrics where the service
+    # runs on CUDA: a service on the CPU reports none, so its soak judges host memory only.
+    base_url = ours.url.removesuffix("/predict")
+    assert reliability.cuda_reserved_mb(base_url) is None
+    with (
+        reliability.Sampler(lambda: servers.rss_mb(ours.pid), 0.05) as rss,
+        reliability.Sampler(lambda: reliability.cuda_reserved_mb(base_url), 0.05) as cuda,
+    ):
+        time.sleep(0.5)
+    assert len(rss.samples) >= 3
+    assert all(20 < mb < 4000 for mb in rss.samples)
+    assert cuda.samples == []
 
 
 def test_soak_memory_is_judged_on_the_medians_of_whole_minutes():
