@@ -235,6 +235,21 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     return names
 
 
+def _cuda_memory_line(results: dict[str, Any]) -> str:
+    """GPU memory of a GPU sitting: the in-process peak, and what each of our servers held."""
+    limit = results.get("limit_cuda_memory")
+    if not limit:
+        return ""
+    mib = 2**20
+    held = ", ".join(
+        f"{name} {m['cuda_memory']['reserved'] / mib:.0f} MiB reserved"
+        for name, m in results["servers"].items()
+        if m.get("cuda_memory")
+    )
+    peak = f"in-process peak {limit['peak'] / mib:.0f} MiB"
+    return f"  \nCUDA memory: {peak}; {held or 'servers: none'}."
+
+
 def write(results: dict[str, Any], out: Path) -> str:
     """Write ``report.md`` and the plots into ``out``; return the ratio table."""
     table = markdown_table(["measure", "value", "target", "verdict"], ratios(results))
@@ -252,7 +267,8 @@ def write(results: dict[str, Any], out: Path) -> str:
             f"Workload: {w['reviews']} IMDb test reviews, tokens mean {w['tokens_mean']}, "
             f"p50/p90/max {w['tokens_p50_p90_max']}; model {w['model']} "
             f"({w['parameters']} parameters)."
-            + (f"  \nDevice: {results['device']}." if "device" in results else ""),
+            + (f"  \nDevice: {results['device']}." if "device" in results else "")
+            + _cuda_memory_line(results),
             "## Ratios",
             table,
             "## Concurrency sweep (closed loop, wrk, single-review requests)",

@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import torch
 
@@ -165,6 +166,10 @@ def _measure(
                 result = run_wrk(server.url, work.batched, plan.batched_clients, plan.seconds, n)
                 measured["batched"] = result.summary()
                 _say(name, f"{plan.batched_clients} clients x {n} texts", result)
+            if name.startswith("ours"):
+                # Bytes on the GPU after the whole sweep (null on a CPU): its /info says.
+                info = httpx.get(server.url.removesuffix("/predict") + "/info", timeout=10)
+                measured["cuda_memory"] = info.json()["cuda_memory"]
         measured_all[name] = measured
     return measured_all
 
@@ -200,6 +205,7 @@ def run(options: Options) -> dict[str, Any]:
 
     print(f"limit: in-process TorchScript on {runtime.device}, no HTTP", flush=True)
     results["limit"] = limit.sweep(runtime, seqs, list(plan.limit_batch_sizes), plan.limit_seconds)
+    results["limit_cuda_memory"] = runtime.cuda_memory()  # peak: the largest batch's footprint
     if plan.cpu_levers:
         print("lever: torch threads", flush=True)
         results["threads"] = limit.thread_lever(runtime, seqs, [1, 64], plan.limit_seconds)

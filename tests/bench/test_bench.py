@@ -133,6 +133,8 @@ def test_a_miniature_sitting_writes_the_report(
     servers_run = {"ours", "ours-unbatched"} | ({"ours-1thread"} if cpu_levers else set())
     assert set(results["servers"]) == servers_run
     assert results["device"] == {"device": "cpu", "dtype": options.dtype}
+    assert results["limit_cuda_memory"] is None  # recorded on a GPU only
+    assert all(results["servers"][name]["cuda_memory"] is None for name in servers_run)
     for name in ("results.json", "report.md", "throughput.png", "latency_cdf.png"):
         assert (out / name).stat().st_size > 0
     text = (out / "report.md").read_text()
