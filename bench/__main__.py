@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bench.loadgen import wrk_available
 from bench.suite import FULL, GPU, QUICK, Options, run
+from service import bundle
 from training.config import default_data_source
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device", default="cpu", help="cpu, cuda or cuda:N: where every server and the limit run"
     )
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=tuple(bundle.DTYPES), default="float32")
     args = parser.parse_args(argv)
     if not wrk_available():
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)

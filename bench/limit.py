@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service import bundle
 from service.runtime import ModelRuntime
 from training.batches import pad_batch, predict_logits
 from training.config import default_data_source
@@ -186,7 +187,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=5.0, help="timing per measurement")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=tuple(bundle.DTYPES), default="float32")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:

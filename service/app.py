@@ -55,9 +55,8 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         await batcher.start()
         predictor = Predictor(model, batcher, settings, metrics)
         card = model.card
-        metrics.model_info.labels(
-            card.name, card.version, str(model.device), str(model.dtype).removeprefix("torch.")
-        ).set(1)
+        info = (card.name, card.version, str(model.device), model.dtype_name)
+        metrics.model_info.labels(*info).set(1)
         if model.device.type == "cuda":
             metrics.watch_cuda_memory(model.cuda_memory)
         app.state.predictor = predictor

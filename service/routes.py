@@ -99,7 +99,7 @@ async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
     return InfoResponse(
         model=predictor.runtime.card.summary(),
         device=str(predictor.runtime.device),
-        dtype=str(predictor.runtime.dtype).removeprefix("torch."),
+        dtype=predictor.runtime.dtype_name,
         cuda_memory=predictor.runtime.cuda_memory(),
         batching=BatchSettings.model_validate(batching),
     )

@@ -47,6 +47,11 @@ class ModelRuntime:
         """``bundle.load`` (a ``BundleError`` for every way it can be unusable), wrapped."""
         return cls(bundle.load(folder, device, dtype))
 
+    @property
+    def dtype_name(self) -> str:
+        """``float32``, ``float16`` or ``bfloat16``, as ``SENTIMENT_DTYPE`` names it."""
+        return str(self.dtype).removeprefix("torch.")
+
     # -- preprocess -------------------------------------------------------------------------
     def preprocess(self, texts: list[str]) -> list[Encoded]:
         """Tokenise, then cut longer texts by the card's truncation rule."""

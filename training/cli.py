@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
+from service.bundle import DTYPES
 from training.config import ModelConfig, PrepareConfig, TrainConfig, default_data_source
 from training.errors import TrainingError
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=256, help="reviews per batch")
     evaluate.add_argument(
         "--dtype",
-        choices=("float32", "float16", "bfloat16"),
+        choices=tuple(DTYPES),
         default="float32",
         help="precision to score in, as the service's SENTIMENT_DTYPE (half is meant for CUDA)",
     )
