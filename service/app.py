@@ -50,6 +50,8 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
             max_batch_tokens=settings.max_batch_tokens,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue_texts,
+            max_jobs=settings.explain_max_queue,
+            job_share=settings.explain_share,
             metrics=metrics,
         )
         await batcher.start()
@@ -79,10 +81,13 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
     app.state.metrics = metrics
     app.state.predictor = None
     app.include_router(router)
-    _register_errors(app, metrics)
+    # Route templates for the metrics (FastAPI nests an included router's routes).
+    paths = frozenset(getattr(r, "path", "") for r in (*app.routes, *router.routes)) - {""}
+    _register_errors(app, metrics, paths)
     # Added innermost first: metrics see every answer, CORS answers preflights before auth,
     # and no body is read for a request that auth refuses.
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, paths=frozenset({"/predict"}))
+    bodies = frozenset({"/predict", "/explain"})
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, paths=bodies)
     if settings.api_keys:
         keys = [k.get_secret_value() for k in settings.api_keys]
         app.add_middleware(ApiKeyAuth, keys=keys, exempt=settings.auth_exempt_paths)
@@ -93,30 +98,31 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    # Route templates for the request metrics (FastAPI nests an included router's routes).
-    paths = frozenset(getattr(r, "path", "") for r in (*app.routes, *router.routes)) - {""}
     app.add_middleware(HttpMetrics, metrics=metrics, paths=paths)  # outermost: sees every answer
     return app
 
 
-def _register_errors(app: FastAPI, metrics: Metrics) -> None:
+def _register_errors(app: FastAPI, metrics: Metrics, paths: frozenset[str]) -> None:
     """Every error becomes ``{"error", "error_type"}`` with the status of ``errors.STATUS``."""
 
-    def answer(error: ServiceError) -> JSONResponse:
-        metrics.failures.labels(error.error_type.value).inc()
+    def answer(request: Request, error: ServiceError) -> JSONResponse:
+        route = request.url.path if request.url.path in paths else "unmatched"
+        metrics.failures.labels(route, error.error_type.value).inc()
         return error_response(error)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return answer(exc)
+        return answer(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = exc.errors()
         if any(p.get("type") == "json_invalid" for p in problems):
             detail = problems[0].get("ctx", {}).get("error", "malformed JSON")
-            return answer(ServiceError(ErrorType.INVALID_JSON, f"body is not valid JSON: {detail}"))
-        return answer(ServiceError(ErrorType.VALIDATION, "; ".join(map(_describe, problems))))
+            error = ServiceError(ErrorType.INVALID_JSON, f"body is not valid JSON: {detail}")
+            return answer(request, error)
+        error = ServiceError(ErrorType.VALIDATION, "; ".join(map(_describe, problems)))
+        return answer(request, error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -124,7 +130,7 @@ def _register_errors(app: FastAPI, metrics: Metrics) -> None:
         kind = kinds.get(
             exc.status_code, ErrorType.VALIDATION if exc.status_code < 500 else ErrorType.BACKEND
         )
-        response = answer(ServiceError(kind, str(exc.detail)))
+        response = answer(request, ServiceError(kind, str(exc.detail)))
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
         return response
 
@@ -132,7 +138,8 @@ def _register_errors(app: FastAPI, metrics: Metrics) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Logged with its traceback here; the client gets no internals.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return answer(ServiceError(ErrorType.BACKEND, "internal error; see the server log"))
+        error = ServiceError(ErrorType.BACKEND, "internal error; see the server log")
+        return answer(request, error)
 
 
 def _describe(problem: dict[str, Any]) -> str:

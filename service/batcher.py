@@ -6,6 +6,11 @@ four batches' worth), sorts them by length and cuts them into batches bounded by
 count and the padded-token budget, so short texts are not padded to a long neighbour's length.
 Inference runs in one worker thread, never on the event loop. Whatever happens, every waiting
 future is answered: with a result, a timeout, or the error that stopped its batch.
+
+The same thread runs long jobs (explanations) in chunks between prediction rounds. While texts
+wait for prediction, jobs get at most ``job_share`` of the thread's time (a credit earned by
+prediction rounds, spent by chunks), so a burst of explanations slows predictions by a bounded
+fraction and never stops them; with no prediction waiting, jobs run back to back.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -37,6 +43,32 @@ class ItemResult:
     batch_size: int
 
 
+class Job(Protocol):
+    """Work done in chunks in the inference thread (``runtime.IntegratedGradients``)."""
+
+    def advance(self) -> bool:
+        """Run one chunk; True once the job is complete."""
+        ...
+
+
+@dataclass(frozen=True)
+class JobResult:
+    queue_s: float  # from submission to its first chunk
+    inference_s: float  # its chunks' time, summed
+    chunks: int
+
+
+@dataclass
+class _QueuedJob:
+    job: Job
+    future: asyncio.Future[JobResult]
+    enqueued: float
+    deadline: float
+    started: float | None = None
+    inference_s: float = 0.0
+    chunks: int = field(default=0)
+
+
 @dataclass
 class _Pending:
     ids: np.ndarray
@@ -54,15 +86,24 @@ class DynamicBatcher:
         max_batch_tokens: int,
         max_wait_s: float,
         max_queue: int,
+        max_jobs: int = 8,
+        job_share: float = 0.25,
         metrics: Metrics | None = None,
     ) -> None:
+        if not 0 < job_share <= 1:
+            raise ValueError(f"job_share must be in (0, 1], got {job_share}")
         self._infer = infer
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_jobs = max_jobs
+        self.job_share = job_share
         self._metrics = metrics or Metrics()
         self._pending: deque[_Pending] = deque()
+        self._jobs: deque[_QueuedJob] = deque()
+        # Seconds of inference-thread time jobs may take before the next prediction round.
+        self._job_credit = 0.0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
@@ -71,6 +112,10 @@ class DynamicBatcher:
     @property
     def depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def jobs(self) -> int:
+        return len(self._jobs)
 
     async def start(self) -> None:
         self._accepting = True
@@ -105,24 +150,46 @@ class DynamicBatcher:
         self._wakeup.set()
         return futures
 
+    def submit_job(self, job: Job, deadline: float) -> asyncio.Future[JobResult]:
+        """Queue a job; its future is answered once its last chunk has run."""
+        if not self._accepting:
+            raise ServiceError(ErrorType.UNAVAILABLE, "the service is shutting down")
+        if len(self._jobs) >= self.max_jobs:
+            raise ServiceError(
+                ErrorType.OVERLOADED,
+                f"explanation queue full: {len(self._jobs)} waiting, limit {self.max_jobs}",
+                retry_after=1,
+            )
+        future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+        self._jobs.append(_QueuedJob(job, future, time.monotonic(), deadline))
+        self._metrics.explain_queue_depth.set(len(self._jobs))
+        self._wakeup.set()
+        return future
+
     async def _loop(self) -> None:
         try:
-            while self._pending or self._accepting:
-                if not self._pending:
+            while self._pending or self._jobs or self._accepting:
+                if not self._pending and not self._jobs:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
+                if self._jobs_turn():
+                    await self._advance_job()
+                    continue
                 await self._wait_for_company()
                 for batch in self._next_round():
-                    await self._run(batch)
+                    elapsed = await self._run(batch)
+                    if self._jobs and self.job_share < 1:
+                        self._job_credit += elapsed * self.job_share / (1 - self.job_share)
         finally:
             # Only reached with work left if the loop itself failed: answer it anyway.
-            for item in self._pending:
-                if not item.future.done():
-                    item.future.set_exception(
-                        ServiceError(ErrorType.UNAVAILABLE, "the batcher stopped")
-                    )
+            stopped = ServiceError(ErrorType.UNAVAILABLE, "the batcher stopped")
+            waiters: list[_Pending | _QueuedJob] = [*self._pending, *self._jobs]
+            for waiter in waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(stopped)
             self._pending.clear()
+            self._jobs.clear()
 
     async def _wait_for_company(self) -> None:
         close_at = self._pending[0].enqueued + self.max_wait_s
@@ -159,7 +226,58 @@ class DynamicBatcher:
             batches.append(current)
         return batches
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    def _jobs_turn(self) -> bool:
+        if not self._jobs:
+            return False
+        return not self._pending or self.job_share == 1 or self._job_credit > 0
+
+    async def _advance_job(self) -> None:
+        """One chunk of the oldest job; the job leaves the queue when done, given up or failed."""
+        queued = self._jobs[0]
+        started = time.monotonic()
+        if queued.future.cancelled() or queued.deadline <= started:
+            if not queued.future.done():
+                queued.future.set_exception(
+                    ServiceError(ErrorType.TIMEOUT, "deadline passed before the explanation ran")
+                )
+            self._finish_job()
+            return
+        if queued.started is None:
+            queued.started = started
+            self._metrics.explain_queue_duration.observe(started - queued.enqueued)
+        contended = bool(self._pending)
+        loop = asyncio.get_running_loop()
+        try:
+            done = await loop.run_in_executor(self._executor, queued.job.advance)
+        except Exception:
+            log.exception("an explanation failed")
+            if not queued.future.done():
+                queued.future.set_exception(
+                    ServiceError(ErrorType.BACKEND, "explanation failed; see the server log")
+                )
+            self._finish_job()
+            return
+        elapsed = time.monotonic() - started
+        queued.inference_s += elapsed
+        queued.chunks += 1
+        if contended:
+            self._job_credit -= elapsed
+        if done:
+            self._metrics.explain_inference_duration.observe(queued.inference_s)
+            if not queued.future.done():
+                queue_s = queued.started - queued.enqueued
+                queued.future.set_result(JobResult(queue_s, queued.inference_s, queued.chunks))
+            self._finish_job()
+
+    def _finish_job(self) -> None:
+        self._jobs.popleft()
+        self._metrics.explain_queue_depth.set(len(self._jobs))
+        if not self._jobs:
+            # Credit is not banked while no job waits (debt is: it was taken from predictions).
+            self._job_credit = min(self._job_credit, 0.0)
+
+    async def _run(self, batch: list[_Pending]) -> float:
+        """Run one batch; the seconds it took."""
         started = time.monotonic()
         live = []
         for item in batch:
@@ -172,7 +290,7 @@ class DynamicBatcher:
             else:
                 live.append(item)
         if not live:
-            return
+            return 0.0
         loop = asyncio.get_running_loop()
         try:
             logits = await loop.run_in_executor(self._executor, self._infer, [i.ids for i in live])
@@ -183,7 +301,7 @@ class DynamicBatcher:
                     item.future.set_exception(
                         ServiceError(ErrorType.BACKEND, "inference failed; see the server log")
                     )
-            return
+            return time.monotonic() - started
         elapsed = time.monotonic() - started
         m = self._metrics
         m.batch_size.observe(len(live))
@@ -195,3 +313,4 @@ class DynamicBatcher:
                 item.future.set_result(
                     ItemResult(float(logit), started - item.enqueued, elapsed, len(live))
                 )
+        return elapsed

@@ -54,6 +54,26 @@ class Settings(BaseSettings):
     auto_truncate: bool = Field(
         False, description="truncate over-long inputs when a request does not say 'truncate'"
     )
+    explain_steps: int = Field(
+        32,
+        ge=1,
+        le=512,
+        description="integration steps per explanation (its cost grows with them; the "
+        "completeness gap /explain reports shrinks)",
+    )
+    explain_max_queue: int = Field(
+        8, ge=1, description="explanations admitted and not yet answered; beyond it 429"
+    )
+    explain_timeout_s: float = Field(
+        60.0, gt=0, description="deadline per /explain request, queue time included (504)"
+    )
+    explain_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="most of the inference thread's time explanations take while predictions "
+        "wait (with none waiting they take all of it)",
+    )
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
     tokenization_workers: int = Field(
         1,

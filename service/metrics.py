@@ -32,6 +32,7 @@ _SECONDS = (
     5.0,
     10.0,
     30.0,
+    60.0,
 )
 
 
@@ -77,14 +78,29 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Texts waiting for a batch", registry=r)
+        self.explain_queue_duration = Histogram(
+            f"{PREFIX}_explain_queue_duration_seconds",
+            "Time an explanation waits before its first chunk runs",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.explain_inference_duration = Histogram(
+            f"{PREFIX}_explain_inference_duration_seconds",
+            "Model time per explanation (its chunks, forward and backward, summed)",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.explain_queue_depth = Gauge(
+            f"{PREFIX}_explain_queue_depth", "Explanations queued or running", registry=r
+        )
         self.inputs = Counter(f"{PREFIX}_inputs", "Texts accepted for inference", registry=r)
         self.inputs_truncated = Counter(
             f"{PREFIX}_inputs_truncated", "Texts cut to the model's max_length", registry=r
         )
         self.failures = Counter(
             f"{PREFIX}_failures",
-            "Requests or texts not answered with scores",
-            ["reason"],
+            "Requests not answered with scores or explanations, by route and reason",
+            ["route", "reason"],
             registry=r,
         )
         self.model_info = Gauge(

@@ -1,5 +1,11 @@
 """One request's way through the service: tokenise, check lengths, queue its texts on the
-batcher, wait (bounded by the deadline and by the client staying connected), format scores."""
+batcher, wait (bounded by the deadline and by the client staying connected), format scores.
+
+An explanation takes the same way with more work: its text is tokenised with offsets and cut
+into sentences and clauses (``segments``); the segments are scored as predictions and the text
+is explained by integrated gradients, a job the batcher runs in chunks between prediction
+rounds. Explanations have their own admission bound and deadline.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +16,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from service.batcher import DynamicBatcher, ItemResult
+import numpy as np
+
+from service import segments
+from service.batcher import DynamicBatcher, ItemResult, JobResult
 from service.config import Settings
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
-from service.runtime import ModelRuntime, ScoreFunction
+from service.runtime import Attribution, Encoded, ModelRuntime, ScoreFunction, Tokens
+from service.segments import MIXED_CONFIDENCE
+
+# Interpolated tokens per explanation chunk. A chunk is a forward and a backward pass (about
+# three forward passes' work): 4,096 tokens take about as long as a prediction batch of 64
+# reviews on two CPU cores (0.4 s), so a prediction waits at most about that behind a chunk.
+EXPLAIN_CHUNK_TOKENS = 4096
 
 
 @dataclass(frozen=True)
-class Prediction:
-    scores: list[list[dict[str, Any]]]  # per text: labels and scores, best first
+class Timing:
     tokens: int
     tokenization_s: float
     queue_s: float  # the longest wait of any of its texts
-    inference_s: float  # the longest batch any of its texts ran in
+    inference_s: float  # the longest batch any of its texts ran in (an explanation's chunks)
 
     def headers(self) -> dict[str, str]:
         """Where the time went, in milliseconds, as TEI's response headers say it."""
@@ -35,6 +49,28 @@ class Prediction:
             "x-total-time": f"{total_s * 1e3:.3f}",
             "x-compute-tokens": str(self.tokens),
         }
+
+
+@dataclass(frozen=True)
+class Prediction:
+    scores: list[list[dict[str, Any]]]  # per text: labels and scores, best first
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class Explanations:
+    explanations: list[dict[str, Any]]  # per text, as schemas.Explanation
+    timing: Timing
+
+
+@dataclass(frozen=True)
+class _ToExplain:
+    """One text prepared for explanation."""
+
+    tokens: Tokens
+    encoded: Encoded  # its ids as the model reads them (truncated)
+    spans: list[segments.Span]
+    segments: list[Encoded]
 
 
 class Predictor:
@@ -52,6 +88,7 @@ class Predictor:
             max_workers=settings.tokenization_workers, thread_name_prefix="tokenize"
         )
         self._admitted = 0  # texts between admission and answer: tokenising, queued or running
+        self._explaining = 0  # the same for explanations
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=True)
@@ -100,24 +137,13 @@ class Predictor:
         tokenization_s = time.monotonic() - started
         self.metrics.tokenization_duration.observe(tokenization_s)
 
-        cut = self.runtime.truncation
-        max_length = cut.max_length
-        too_long = [
-            (i, e.original_tokens) for i, e in enumerate(encoded) if e.original_tokens > max_length
-        ]
-        if too_long and not (self.settings.auto_truncate if truncate is None else truncate):
-            i, n = too_long[0]
-            where = "inputs" if len(texts) == 1 else f"inputs[{i}]"
-            raise ServiceError(
-                ErrorType.INPUT_TOO_LONG,
-                f"{where} has {n} tokens; the model reads at most {max_length}. "
-                f'Send "truncate": true to score its first {cut.head} and last {cut.tail} tokens',
-            )
-
+        truncated = self._check_lengths(encoded, truncate)
         futures = self.batcher.submit([e.ids for e in encoded], deadline)
         self.metrics.inputs.inc(len(texts))
-        self.metrics.inputs_truncated.inc(len(too_long))
-        results = await self._wait(futures, deadline, disconnected)
+        self.metrics.inputs_truncated.inc(truncated)
+        results: list[ItemResult] = await self._wait(
+            futures, deadline, self.settings.request_timeout_s, disconnected
+        )
 
         k = top_k or 2
         return Prediction(
@@ -128,18 +154,176 @@ class Predictor:
                 ]
                 for r in results
             ],
-            tokens=sum(len(e.ids) for e in encoded),
-            tokenization_s=tokenization_s,
-            queue_s=max(r.queue_s for r in results),
-            inference_s=max(r.inference_s for r in results),
+            timing=Timing(
+                tokens=sum(len(e.ids) for e in encoded),
+                tokenization_s=tokenization_s,
+                queue_s=max(r.queue_s for r in results),
+                inference_s=max(r.inference_s for r in results),
+            ),
         )
+
+    def _check_lengths(self, encoded: list[Encoded], truncate: bool | None) -> int:
+        """413 for a text longer than the model reads unless truncation is asked for (or on by
+        default); else the number of texts that will be truncated."""
+        cut = self.runtime.truncation
+        too_long = [
+            (i, e.original_tokens)
+            for i, e in enumerate(encoded)
+            if e.original_tokens > cut.max_length
+        ]
+        if too_long and not (self.settings.auto_truncate if truncate is None else truncate):
+            i, n = too_long[0]
+            where = "inputs" if len(encoded) == 1 else f"inputs[{i}]"
+            raise ServiceError(
+                ErrorType.INPUT_TOO_LONG,
+                f"{where} has {n} tokens; the model reads at most {cut.max_length}. "
+                f'Send "truncate": true to score its first {cut.head} and last {cut.tail} tokens',
+            )
+        return len(too_long)
+
+    # -- explanations -----------------------------------------------------------------------
+    async def explain(
+        self,
+        texts: list[str],
+        truncate: bool | None = None,
+        steps: int | None = None,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Explanations:
+        limit = self.settings.explain_max_queue
+        if len(texts) > limit:
+            raise ServiceError(
+                ErrorType.TOO_MANY_INPUTS,
+                f"{len(texts)} inputs in one explanation request; the limit is {limit}",
+            )
+        if self._explaining + len(texts) > limit:
+            raise ServiceError(
+                ErrorType.OVERLOADED,
+                f"explanations busy: {self._explaining} in progress, limit {limit}",
+                retry_after=1,
+            )
+        self._explaining += len(texts)
+        try:
+            return await self._explain(
+                texts, truncate, steps or self.settings.explain_steps, disconnected
+            )
+        finally:
+            self._explaining -= len(texts)
+
+    async def _explain(
+        self,
+        texts: list[str],
+        truncate: bool | None,
+        steps: int,
+        disconnected: Callable[[], Awaitable[Any]] | None,
+    ) -> Explanations:
+        started = time.monotonic()
+        deadline = started + self.settings.explain_timeout_s
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self._tokenizer_pool, self._prepare, texts)
+        tokenization_s = time.monotonic() - started
+        self.metrics.tokenization_duration.observe(tokenization_s)
+        self._check_lengths([p.encoded for p in prepared], truncate)
+
+        # Segments are predictions like any other (all or none admitted), then one job per text.
+        segment_ids = [s.ids for p in prepared for s in p.segments]
+        scored = self.batcher.submit(segment_ids, deadline)
+        jobs: list[asyncio.Future[JobResult]] = []
+        attributions = []
+        try:
+            for p in prepared:
+                job = self.runtime.explanation(p.encoded.ids, steps, EXPLAIN_CHUNK_TOKENS)
+                jobs.append(self.batcher.submit_job(job, deadline))
+                attributions.append(job)
+        except ServiceError:
+            for future in scored:
+                future.cancel()
+            for job_future in jobs:
+                job_future.cancel()
+            raise
+        results = await self._wait(
+            [*jobs, *scored], deadline, self.settings.explain_timeout_s, disconnected
+        )
+        timings: list[JobResult] = results[: len(jobs)]
+        segment_logits = iter(r.logit for r in results[len(jobs) :])
+        explanations = [
+            self._explanation(text, p, job.result(), [next(segment_logits) for _ in p.spans])
+            for text, p, job in zip(texts, prepared, attributions, strict=True)
+        ]
+        return Explanations(
+            explanations,
+            Timing(
+                tokens=sum(len(p.encoded.ids) for p in prepared) * steps,
+                tokenization_s=tokenization_s,
+                queue_s=max(t.queue_s for t in timings),
+                inference_s=max(t.inference_s for t in timings),
+            ),
+        )
+
+    def _prepare(self, texts: list[str]) -> list[_ToExplain]:
+        """Tokens with offsets, the ids the model reads, and the segments, for each text."""
+        prepared = []
+        for text in texts:
+            tokens = self.runtime.tokenize(text)
+            ids = self.runtime.truncation.apply(tokens.ids)
+            spans = segments.split(text)
+            parts = self.runtime.preprocess([text[a:b] for a, b in spans]) if spans else []
+            prepared.append(_ToExplain(tokens, Encoded(ids, len(tokens.ids)), spans, parts))
+        return prepared
+
+    def _explanation(
+        self, text: str, p: _ToExplain, attribution: Attribution, segment_logits: list[float]
+    ) -> dict[str, Any]:
+        cut = self.runtime.truncation
+        n = len(p.tokens.ids)
+        # The model read every token, or the first `head` and the last `tail` of them.
+        dropped = (cut.head, n - cut.tail) if n > cut.max_length else None
+        read = np.full(n, np.nan)
+        if dropped is None:
+            read[:] = attribution.tokens
+        else:
+            read[: cut.head] = attribution.tokens[: cut.head]
+            read[dropped[1] :] = attribution.tokens[cut.head :]
+        label, score = self.runtime.postprocess(attribution.logit)[0]
+        verdicts = [self.runtime.postprocess(logit)[0] for logit in segment_logits]
+        sentences = [
+            {"start": start, "end": end, "label": s_label, "score": s_score}
+            for (start, end), (s_label, s_score) in zip(p.spans, verdicts, strict=True)
+        ]
+        confident = {s_label for s_label, s_score in verdicts if s_score >= MIXED_CONFIDENCE}
+        return {
+            "label": label,
+            "score": score,
+            "tokens": [
+                {
+                    "token": token,
+                    "text": text[start:end],
+                    "start": start,
+                    "end": end,
+                    "attribution": None if np.isnan(a) else float(a),
+                }
+                for token, (start, end), a in zip(
+                    p.tokens.tokens, p.tokens.offsets, read, strict=True
+                )
+            ],
+            "dropped_tokens": None if dropped is None else {"start": dropped[0], "end": dropped[1]},
+            "sentences": sentences,
+            "mixed": len(confident) > 1,
+            "completeness": {
+                "attribution_sum": float(attribution.tokens.sum()),
+                "logit": attribution.logit,
+                "baseline_logit": attribution.baseline_logit,
+                "gap": attribution.gap,
+            },
+            "steps": attribution.steps,
+        }
 
     async def _wait(
         self,
-        futures: list[asyncio.Future[ItemResult]],
+        futures: list[asyncio.Future[Any]],
         deadline: float,
+        limit_s: float,
         disconnected: Callable[[], Awaitable[Any]] | None,
-    ) -> list[ItemResult]:
+    ) -> list[Any]:
         everything = asyncio.gather(*futures)
         waiters: set[asyncio.Future[Any]] = {everything}
         watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
@@ -163,9 +347,7 @@ class Predictor:
             return list(everything.result())  # raises the error of a failed text, if any
         if watcher is not None and watcher in done:
             raise ServiceError(ErrorType.CLIENT_CLOSED, "the client disconnected")
-        raise ServiceError(
-            ErrorType.TIMEOUT, f"no answer within {self.settings.request_timeout_s} s"
-        )
+        raise ServiceError(ErrorType.TIMEOUT, f"no answer within {limit_s} s")
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

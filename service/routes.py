@@ -17,6 +17,9 @@ from service.pipeline import Predictor
 from service.schemas import (
     BatchSettings,
     ErrorResponse,
+    ExplainRequest,
+    ExplainResponse,
+    ExplainSettings,
     HealthResponse,
     InfoResponse,
     PredictRequest,
@@ -70,7 +73,24 @@ async def predict(body: PredictRequest, request: Request, predictor: PredictorDe
         top_k=body.parameters.top_k,
         disconnected=lambda: _client_gone(request),
     )
-    return JSONResponse(prediction.scores, headers=prediction.headers())
+    return JSONResponse(prediction.scores, headers=prediction.timing.headers())
+
+
+@router.post(
+    "/explain",
+    response_model=ExplainResponse,
+    responses=ERROR_RESPONSES,
+    summary="Explain the polarity of one text or a list of texts: token attributions "
+    "(integrated gradients) and a score per sentence or clause",
+)
+async def explain(body: ExplainRequest, request: Request, predictor: PredictorDep) -> Response:
+    explained = await predictor.explain(
+        body.texts,
+        truncate=body.truncate,
+        steps=body.parameters.steps,
+        disconnected=lambda: _client_gone(request),
+    )
+    return JSONResponse(explained.explanations, headers=explained.timing.headers())
 
 
 @router.get("/health", response_model=HealthResponse, summary="Liveness: the process answers")
@@ -96,12 +116,14 @@ async def ready(_: PredictorDep) -> HealthResponse:
 )
 async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
     batching = settings.model_dump(include=set(BatchSettings.model_fields))
+    explanations = settings.model_dump(include=set(ExplainSettings.model_fields))
     return InfoResponse(
         model=predictor.runtime.card.summary(),
         device=str(predictor.runtime.device),
         dtype=predictor.runtime.dtype_name,
         cuda_memory=predictor.runtime.cuda_memory(),
         batching=BatchSettings.model_validate(batching),
+        explanations=ExplainSettings.model_validate(explanations),
     )
 
 

@@ -5,6 +5,8 @@ it directly."""
 from __future__ import annotations
 
 import math
+import unicodedata
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +25,102 @@ class Encoded:
 
     ids: np.ndarray  # int64 token ids, already cut by the bundle's truncation rule
     original_tokens: int  # tokens before truncation
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One text as the tokenizer reads it, every token with its place in the original text."""
+
+    ids: np.ndarray  # int64, all of them (before truncation)
+    tokens: list[str]  # vocabulary entries, <unk> for an unknown word
+    offsets: list[tuple[int, int]]  # text[start:end] is the token as written
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Integrated gradients of the POSITIVE logit with respect to each token's embedding,
+    from the all-padding input (zero vectors) to the text, summed over the embedding."""
+
+    tokens: np.ndarray  # float64, one per token read
+    logit: float  # the text's POSITIVE logit
+    baseline_logit: float  # the logit of as many padding embeddings
+    steps: int
+
+    @property
+    def gap(self) -> float:
+        """Completeness: the attributions should add up to ``logit - baseline_logit``; what is
+        left is the error of the integral's quadrature (shrinks with more steps)."""
+        return float(self.tokens.sum()) - (self.logit - self.baseline_logit)
+
+
+class IntegratedGradients:
+    """One explanation (Sundararajan et al. 2017, as Captum's ``LayerIntegratedGradients``
+    over the embedding layer computes it), worked in chunks of interpolation steps so that the
+    batcher can run prediction batches between two chunks.
+
+    The integral over the path from the baseline to the embedded text is taken with
+    Gauss-Legendre quadrature (Captum's default): ``steps`` nodes on [0, 1], weighted. Each
+    chunk is one forward and backward pass of ``forward_embedded`` over a batch of
+    interpolated inputs of at most ``chunk_tokens`` tokens in all.
+    """
+
+    def __init__(
+        self, runtime: ModelRuntime, ids: np.ndarray, steps: int, chunk_tokens: int
+    ) -> None:
+        self.runtime = runtime
+        self.steps = steps
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        self._alphas = (nodes + 1) / 2  # from [-1, 1] to [0, 1]
+        self._weights = weights / 2
+        self._ids = torch.from_numpy(np.ascontiguousarray(ids))[None]
+        self._chunk = max(1, chunk_tokens // max(1, len(ids)))
+        self._next = 0
+        self._embedded: torch.Tensor | None = None
+        self._gradient_sum: torch.Tensor | None = None
+        self._logits: tuple[float, float] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._next >= self.steps
+
+    def advance(self) -> bool:
+        """Run the next chunk; True once the explanation is complete."""
+        rt = self.runtime
+        model, device = rt.model, rt.device
+        length = torch.tensor([self._ids.shape[1]], device=device)
+        # cuDNN computes an RNN's backward pass only in training mode; its native kernels do
+        # it in evaluation mode (dropout off), which is what an explanation needs.
+        cudnn_off = torch.backends.cudnn.flags(enabled=False) if device.type == "cuda" else None
+        with cudnn_off or nullcontext():
+            if self._embedded is None:
+                with torch.no_grad():
+                    self._embedded = model.embed(self._ids.to(device))
+                    both = torch.cat([self._embedded, torch.zeros_like(self._embedded)])
+                    logits = model.forward_embedded(both, length.expand(2)).float().cpu()
+                self._logits = (float(logits[0]), float(logits[1]))
+                self._gradient_sum = torch.zeros(self._embedded.shape[1:], device=device)
+            take = slice(self._next, min(self._next + self._chunk, self.steps))
+            dtype = self._embedded.dtype
+            alphas = torch.tensor(self._alphas[take], dtype=dtype, device=device)
+            weights = torch.tensor(self._weights[take], dtype=torch.float32, device=device)
+            with torch.enable_grad():
+                path = (alphas[:, None, None] * self._embedded).requires_grad_(True)
+                out = model.forward_embedded(path, length.expand(len(alphas)))
+                (gradients,) = torch.autograd.grad(out.float().sum(), path)
+            assert self._gradient_sum is not None
+            self._gradient_sum += (weights[:, None, None] * gradients.float()).sum(0)
+        self._next = take.stop
+        return self.done
+
+    def result(self) -> Attribution:
+        if not self.done or self._embedded is None or self._logits is None:
+            raise RuntimeError("the explanation has not run all its steps")
+        assert self._gradient_sum is not None
+        # Baseline zero: (x - baseline) * average gradient, summed over the embedding dims.
+        per_token = (self._gradient_sum * self._embedded[0].float()).sum(-1)
+        return Attribution(
+            per_token.double().cpu().numpy(), self._logits[0], self._logits[1], self.steps
+        )
 
 
 class ModelRuntime:
@@ -61,6 +159,18 @@ class ModelRuntime:
             encoded.append(Encoded(self.truncation.apply(ids), len(ids)))
         return encoded
 
+    def tokenize(self, text: str) -> Tokens:
+        """Every token of one text with its offsets in ``text`` (no truncation)."""
+        enc = self.tokenizer.encode(text)
+        offsets = []
+        for start, end in enc.offsets:
+            # NFKC composes a letter and a following combining accent into one character; the
+            # tokenizer's alignment then points at the letter alone. Keep the accent with it.
+            while end < len(text) and unicodedata.combining(text[end]):
+                end += 1
+            offsets.append((start, end))
+        return Tokens(np.asarray(enc.ids, dtype=np.int64), list(enc.tokens), offsets)
+
     # -- infer ------------------------------------------------------------------------------
     def infer(self, seqs: list[np.ndarray]) -> np.ndarray:
         """POSITIVE logits for one batch of token-id sequences."""
@@ -73,6 +183,11 @@ class ModelRuntime:
                 ids.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
             )
         return logits.float().cpu().numpy()
+
+    def explanation(self, ids: np.ndarray, steps: int, chunk_tokens: int) -> IntegratedGradients:
+        """An explanation of the logit of ``ids`` (already truncated), to be advanced in chunks
+        of ``chunk_tokens`` interpolated tokens (``IntegratedGradients.advance``)."""
+        return IntegratedGradients(self, ids, steps, chunk_tokens)
 
     def cuda_memory(self) -> dict[str, int] | None:
         """Bytes torch holds on the model's CUDA device (None on a CPU): allocated to tensors

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, field_validator
 
 from service.bundle import ModelSummary
+from service.segments import MIXED_CONFIDENCE
 
 # A text must hold something besides white space. The schema states it as the pattern \S,
 # which clients read with ECMAScript's meaning of white space; the validator below uses that
@@ -40,19 +41,35 @@ class PredictParameters(BaseModel):
         return value
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"inputs": "A wonderful, moving film."}]},
+class ExplainParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="integration steps (default: the server's explain_steps); more steps cost "
+        "more and shrink the completeness gap",
     )
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _integer(cls, value: Any) -> Any:
+        if isinstance(value, bool | str):
+            raise ValueError("steps must be an integer")
+        return value
+
+
+class _TextsRequest(BaseModel):
+    """``inputs`` (a text or a list of texts) and ``truncate``, shared by /predict and
+    /explain."""
 
     inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(
         description="one text, or a list of texts"
     )
-    parameters: PredictParameters = Field(default_factory=PredictParameters)
     truncate: StrictBool | None = Field(
         None,
-        description="score a longer text cut to max_length tokens (its first and last tokens, "
+        description="read a longer text cut to max_length tokens (its first and last tokens, "
         "as /info's truncation says) instead of refusing it (default: the server's "
         "auto_truncate setting)",
     )
@@ -82,6 +99,26 @@ class PredictRequest(BaseModel):
         return [self.inputs] if isinstance(self.inputs, str) else self.inputs
 
 
+class PredictRequest(_TextsRequest):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"inputs": "A wonderful, moving film."}]},
+    )
+
+    parameters: PredictParameters = Field(default_factory=PredictParameters)
+
+
+class ExplainRequest(_TextsRequest):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"inputs": "The acting was wonderful but the plot was dull."}]
+        },
+    )
+
+    parameters: ExplainParameters = Field(default_factory=ExplainParameters)
+
+
 class LabelScore(BaseModel):
     label: str
     score: float
@@ -90,6 +127,55 @@ class LabelScore(BaseModel):
 # Always one list of labels per text, for a single text too: Hugging Face's text-classification
 # answer, which its InferenceClient reads as [[{label, score}, ...]] and unwraps once.
 PredictResponse = list[list[LabelScore]]
+
+
+class TokenAttribution(BaseModel):
+    token: str = Field(description="the vocabulary entry the model read (<unk>: unknown word)")
+    text: str = Field(description="the token as written: input[start:end]")
+    start: int = Field(description="offset of its first character in the input (code points)")
+    end: int = Field(description="offset after its last character")
+    attribution: float | None = Field(
+        description="its contribution to the POSITIVE logit (integrated gradients); null for a "
+        "token that truncation dropped"
+    )
+
+
+class TokenRange(BaseModel):
+    start: int = Field(description="index in tokens of the first token dropped")
+    end: int = Field(description="index in tokens after the last token dropped")
+
+
+class SegmentScore(BaseModel):
+    start: int
+    end: int
+    label: str
+    score: float = Field(description="calibrated probability of label, scored on its own")
+
+
+class Completeness(BaseModel):
+    attribution_sum: float
+    logit: float = Field(description="the text's POSITIVE logit (before calibration)")
+    baseline_logit: float = Field(description="the logit of as many padding embeddings")
+    gap: float = Field(description="attribution_sum - (logit - baseline_logit): quadrature error")
+
+
+class Explanation(BaseModel):
+    label: str = Field(description="the predicted label, as /predict gives it")
+    score: float = Field(description="its calibrated probability, as /predict gives it")
+    tokens: list[TokenAttribution]
+    dropped_tokens: TokenRange | None = Field(
+        description="the tokens truncation dropped (the model read the others); null if none"
+    )
+    sentences: list[SegmentScore] = Field(description="each sentence or clause, scored alone")
+    mixed: bool = Field(
+        description="one sentence or clause is POSITIVE and another NEGATIVE, each with a "
+        f"probability of at least {MIXED_CONFIDENCE}"
+    )
+    completeness: Completeness
+    steps: int
+
+
+ExplainResponse = list[Explanation]
 
 
 class ErrorResponse(BaseModel):
@@ -111,6 +197,13 @@ class BatchSettings(BaseModel):
     auto_truncate: bool
 
 
+class ExplainSettings(BaseModel):
+    explain_steps: int
+    explain_max_queue: int
+    explain_timeout_s: float
+    explain_share: float
+
+
 class CudaMemory(BaseModel):
     allocated: int
     reserved: int
@@ -127,3 +220,4 @@ class InfoResponse(BaseModel):
         description="bytes on the CUDA device (null on a CPU), as in sentiment_cuda_memory_bytes"
     )
     batching: BatchSettings
+    explanations: ExplainSettings

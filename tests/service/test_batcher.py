@@ -204,3 +204,167 @@ def test_stop_finishes_accepted_work_then_refuses_new_work():
         assert caught.value.error_type is ErrorType.UNAVAILABLE
 
     run(scenario())
+
+
+# -- jobs (explanations), run in chunks between prediction rounds -----------------------------
+class ChunkedJob:
+    """A job of ``chunks`` chunks, each sleeping ``delay`` in the inference thread; it records
+    when each chunk ran in a timeline shared with the model."""
+
+    def __init__(
+        self, timeline: list[str], name: str, chunks: int, delay: float, fail: bool = False
+    ) -> None:
+        self.timeline, self.name, self.left, self.delay, self.fail = (
+            timeline,
+            name,
+            chunks,
+            delay,
+            fail,
+        )
+        self.thread_names: set[str] = set()
+
+    def advance(self) -> bool:
+        self.thread_names.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("CUDA error: out of memory (simulated)")
+        self.timeline.append(self.name)
+        self.left -= 1
+        return self.left == 0
+
+
+class TimelineModel(RecordingModel):
+    def __init__(self, timeline: list[str], delay: float) -> None:
+        super().__init__(delay=delay)
+        self.timeline = timeline
+
+    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+        self.timeline.append("batch")
+        return super().__call__(seqs)
+
+
+def test_a_job_runs_all_its_chunks_in_the_inference_thread_and_reports_its_time():
+    timeline: list[str] = []
+    job = ChunkedJob(timeline, "job", chunks=3, delay=0.01)
+
+    async def scenario() -> None:
+        batcher = make(RecordingModel())
+        await batcher.start()
+        result = await batcher.submit_job(job, time.monotonic() + 10)
+        assert result.chunks == 3
+        assert result.inference_s >= 0.03
+        assert batcher.jobs == 0
+        await batcher.stop()
+
+    run(scenario())
+    assert timeline == ["job"] * 3
+    assert job.thread_names == {"inference_0"}
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_jobs_take_their_share_of_the_thread_while_predictions_wait(share: float):
+    """If this fails, a stream of explanations starves /predict (or the share setting lies)."""
+    timeline: list[str] = []
+    model = TimelineModel(timeline, delay=0.02)
+    job = ChunkedJob(timeline, "job", chunks=10, delay=0.02)
+
+    async def scenario() -> None:
+        batcher = make(model, max_batch_size=1, max_wait_s=0, job_share=share)
+        await batcher.start()
+        deadline = time.monotonic() + 30
+        # Predictions wait all the while the job runs: four texts, one more per answered one.
+        waiting = batcher.submit([seq(1)] * 4, deadline)
+        job_done = batcher.submit_job(job, deadline)
+        while not job_done.done():
+            await waiting.pop(0)
+            waiting += batcher.submit([seq(1)], deadline)
+        await batcher.stop()
+
+    run(scenario())
+    # Between the job's first and last chunk, batches and chunks alternate in the ratio of the
+    # share: 0.25 -> three 20 ms batches per 20 ms chunk, 0.5 -> one per chunk.
+    first, last = timeline.index("job"), len(timeline) - 1 - timeline[::-1].index("job")
+    window = timeline[first : last + 1]
+    batches_per_chunk = window.count("batch") / (window.count("job") - 1)
+    assert batches_per_chunk == pytest.approx((1 - share) / share, abs=0.5)
+
+
+def test_with_no_prediction_waiting_a_job_runs_back_to_back():
+    timeline: list[str] = []
+    model = TimelineModel(timeline, delay=0.0)
+
+    async def scenario() -> None:
+        batcher = make(model, job_share=0.1)
+        await batcher.start()
+        await batcher.submit_job(ChunkedJob(timeline, "job", 5, 0.0), time.monotonic() + 10)
+        await batcher.stop()
+
+    run(scenario())
+    assert timeline == ["job"] * 5
+
+
+def test_a_failed_job_is_answered_and_the_batcher_goes_on():
+    timeline: list[str] = []
+
+    async def scenario() -> None:
+        batcher = make(RecordingModel())
+        await batcher.start()
+        deadline = time.monotonic() + 10
+        failing = batcher.submit_job(ChunkedJob(timeline, "bad", 2, 0.0, fail=True), deadline)
+        with pytest.raises(ServiceError) as caught:
+            await failing
+        assert caught.value.error_type is ErrorType.BACKEND
+        assert (await batcher.submit([seq(2)], deadline)[0]).logit == 2.0
+        assert (await batcher.submit_job(ChunkedJob(timeline, "ok", 1, 0.0), deadline)).chunks == 1
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_a_job_past_its_deadline_stops_between_chunks_with_a_timeout():
+    timeline: list[str] = []
+
+    async def scenario() -> None:
+        batcher = make(RecordingModel())
+        await batcher.start()
+        slow = batcher.submit_job(ChunkedJob(timeline, "slow", 100, 0.02), time.monotonic() + 0.1)
+        with pytest.raises(ServiceError) as caught:
+            await slow
+        assert caught.value.error_type is ErrorType.TIMEOUT
+        await batcher.stop()
+
+    run(scenario())
+    assert 3 <= len(timeline) <= 7  # stopped soon after 0.1 s, not after 100 chunks
+
+
+def test_a_cancelled_job_is_dropped_and_the_job_queue_has_a_bound():
+    timeline: list[str] = []
+
+    async def scenario() -> None:
+        batcher = make(RecordingModel(), max_jobs=2)
+        deadline = time.monotonic() + 10
+        await batcher.start()
+        gone = batcher.submit_job(ChunkedJob(timeline, "gone", 3, 0.0), deadline)
+        kept = batcher.submit_job(ChunkedJob(timeline, "kept", 1, 0.0), deadline)
+        with pytest.raises(ServiceError) as caught:
+            batcher.submit_job(ChunkedJob(timeline, "third", 1, 0.0), deadline)
+        assert caught.value.error_type is ErrorType.OVERLOADED
+        gone.cancel()  # the client went away before it ran
+        await kept
+        await batcher.stop()
+
+    run(scenario())
+    assert timeline == ["kept"]
+
+
+def test_stop_finishes_accepted_jobs():
+    timeline: list[str] = []
+
+    async def scenario() -> None:
+        batcher = make(RecordingModel())
+        await batcher.start()
+        job = batcher.submit_job(ChunkedJob(timeline, "job", 4, 0.01), time.monotonic() + 10)
+        await batcher.stop()
+        assert job.result().chunks == 4
+
+    run(scenario())

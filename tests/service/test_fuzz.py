@@ -3,9 +3,10 @@
 Its checks include: no 5xx, status codes, content types and bodies as documented, schema-valid
 requests accepted, schema-invalid ones refused, 405 (with Allow) for undeclared methods.
 
-The server truncates over-long texts itself (auto_truncate): a token limit is not something a
-JSON schema can state, so without it a long schema-valid text gets its documented 413, which
-the bad-input catalogue in test_app.py covers.
+The server truncates over-long texts itself (auto_truncate), and admits as many explanations
+per request as /predict takes texts: neither a token limit nor a configured bound on a list is
+something the JSON schema states, so without them a long schema-valid text or list gets its
+documented 413, which the bad-input catalogues in test_app.py and test_explain.py cover.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ SEED = "20261123"
 @pytest.mark.slow
 def test_fuzzing_finds_nothing(trained_bundle: Path, tmp_path: Path):
     st = shutil.which("st") or str(Path(sys.executable).parent / "st")
-    with serve(trained_bundle, auto_truncate=True) as server:
+    with serve(trained_bundle, auto_truncate=True, explain_max_queue=256) as server:
         result = subprocess.run(
             [
                 st,
@@ -53,4 +54,4 @@ def test_fuzzing_finds_nothing(trained_bundle: Path, tmp_path: Path):
     assert counts, summary
     assert int(counts[1]) >= 1000, summary
     assert counts[1] == counts[2]
-    assert "Selected: 5/5" in result.stdout  # predict, health, ready, info, metrics
+    assert "Selected: 6/6" in result.stdout  # predict, explain, health, ready, info, metrics

@@ -144,3 +144,59 @@ def test_cuda_answers_match_cpu(trained_bundle: Path):
     gpu = ModelRuntime.load(trained_bundle, "cuda")
     seqs = [e.ids for e in cpu.preprocess(TEXTS)]
     np.testing.assert_allclose(gpu.infer(seqs), cpu.infer(seqs), rtol=0, atol=1e-4)
+
+
+def explain(runtime: ModelRuntime, ids: np.ndarray, steps: int, chunk_tokens: int = 4096):
+    job = runtime.explanation(ids, steps, chunk_tokens)
+    chunks = 1
+    while not job.advance():
+        chunks += 1
+    return job.result(), chunks
+
+
+def test_tokenize_gives_offsets_that_slice_the_token_as_written(runtime: ModelRuntime):
+    """If this fails, /explain shades the wrong characters of the user's text."""
+    text = "The ﬁlm<br />was GREAT, naïve 😀 and Cafe\u0301!"
+    tokens = runtime.tokenize(text)
+    written = [text[a:b] for a, b in tokens.offsets]
+    assert written == ["The", "ﬁlm", "was", "GREAT", ",", "naïve", "😀", "and", "Cafe\u0301", "!"]
+    assert tokens.tokens[1] == "film"  # NFKC unfolds the ligature; the offsets keep 'ﬁ'
+    assert tokens.ids.tolist() == runtime.tokenizer.encode(text).ids
+
+
+def test_integrated_gradients_are_complete_and_the_same_in_any_chunking(runtime: ModelRuntime):
+    """If this fails, the attributions do not add up to what the model says (a wrong baseline
+    or weights), or an explanation depends on how the batcher cut it."""
+    ids = runtime.preprocess(["A great, moving film. Dull plot, a waste of time."])[0].ids
+    whole, chunks = explain(runtime, ids, steps=32)
+    assert chunks == 1
+    with torch.no_grad():
+        logit = runtime.infer([ids])[0]
+    assert whole.logit == pytest.approx(float(logit), abs=1e-5)
+    assert len(whole.tokens) == len(ids)
+    difference = whole.logit - whole.baseline_logit
+    assert abs(whole.gap) <= 0.02 * abs(difference) + 1e-3
+    coarse, _ = explain(runtime, ids, steps=2)
+    assert abs(coarse.gap) > abs(whole.gap)  # the quadrature error shrinks with steps
+    pieces, chunks = explain(runtime, ids, steps=32, chunk_tokens=len(ids) * 5)
+    assert chunks == 7  # 5 + 5 + ... + 2 steps
+    np.testing.assert_allclose(pieces.tokens, whole.tokens, rtol=0, atol=1e-5)
+
+
+def test_an_explanation_reports_its_result_only_when_complete(runtime: ModelRuntime):
+    job = runtime.explanation(runtime.preprocess(["great"])[0].ids, 4, chunk_tokens=1)
+    job.advance()
+    with pytest.raises(RuntimeError, match="has not run all its steps"):
+        job.result()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_explanations_match_cpu(trained_bundle: Path):
+    """cuDNN's RNN has no backward pass in evaluation mode; the runtime turns it off."""
+    cpu = ModelRuntime.load(trained_bundle, "cpu")
+    gpu = ModelRuntime.load(trained_bundle, "cuda")
+    ids = cpu.preprocess([TEXTS[0]])[0].ids
+    on_cpu, _ = explain(cpu, ids, 16)
+    on_gpu, _ = explain(gpu, ids, 16)
+    np.testing.assert_allclose(on_gpu.tokens, on_cpu.tokens, rtol=0, atol=1e-4)
