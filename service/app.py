@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batcher import DynamicBatcher
@@ -27,7 +28,7 @@ from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_response
 from service.pipeline import Predictor
-from service.routes import router
+from service.routes import STATIC_DIR, router
 from service.runtime import ModelRuntime
 
 log = logging.getLogger("service")
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
     app.state.metrics = metrics
     app.state.predictor = None
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Route templates for the metrics (FastAPI nests an included router's routes).
     paths = frozenset(getattr(r, "path", "") for r in (*app.routes, *router.routes)) - {""}
     _register_errors(app, metrics, paths)
@@ -90,7 +92,9 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, paths=bodies)
     if settings.api_keys:
         keys = [k.get_secret_value() for k in settings.api_keys]
-        app.add_middleware(ApiKeyAuth, keys=keys, exempt=settings.auth_exempt_paths)
+        # The page and its files hold nothing secret; the API calls it makes carry the key.
+        exempt = [*settings.auth_exempt_paths, "/"]
+        app.add_middleware(ApiKeyAuth, keys=keys, exempt=exempt, exempt_prefixes=("/static/",))
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -32,13 +32,26 @@ def error_response(error: ServiceError) -> JSONResponse:
 class ApiKeyAuth:
     """``Authorization: Bearer <key>`` on every path but the exempt ones."""
 
-    def __init__(self, app: ASGIApp, keys: Iterable[str], exempt: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: Iterable[str],
+        exempt: Iterable[str],
+        exempt_prefixes: tuple[str, ...] = (),
+    ) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
         self.exempt = frozenset(exempt)
+        self.exempt_prefixes = exempt_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt or self._authorized(scope):
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or path in self.exempt
+            or path.startswith(self.exempt_prefixes)
+            or self._authorized(scope)
+        ):
             await self.app(scope, receive, send)
             return
         error = ServiceError(
@@ -169,6 +182,12 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope["path"] if scope["path"] in self.paths else "unmatched"
+            path = scope["path"]
+            if path in self.paths:
+                route = path
+            elif path.startswith("/static/"):
+                route = "/static"  # the page's files, one label
+            else:
+                route = "unmatched"
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)

@@ -4,10 +4,11 @@ replace (``app.dependency_overrides``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.config import Settings
@@ -30,6 +31,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in sorted(set(STATUS.values()))
 }
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"model": ErrorResponse}}
+# The web page: static files, no build step, nothing from another origin.
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 # The dependencies are coroutines: FastAPI runs a plain `def` one in its thread pool, a thread
@@ -91,6 +94,12 @@ async def explain(body: ExplainRequest, request: Request, predictor: PredictorDe
         disconnected=lambda: _client_gone(request),
     )
     return JSONResponse(explained.explanations, headers=explained.timing.headers())
+
+
+@router.get("/", include_in_schema=False)
+async def page() -> FileResponse:
+    """The web page (``static/``): it calls /predict and /explain as any client would."""
+    return FileResponse(STATIC_DIR / "index.html")
 
 
 @router.get("/health", response_model=HealthResponse, summary="Liveness: the process answers")

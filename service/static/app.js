@@ -1,0 +1,167 @@
+// The page calls the same API any client does: POST predict, then POST explain.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function headersFor() {
+  const headers = { "Content-Type": "application/json" };
+  const key = $("apikey").value.trim();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  return headers;
+}
+
+// One call; resolves to {body, timing} or throws an Error whose message is the API's, in words.
+async function call(route, payload) {
+  let response;
+  try {
+    response = await fetch(route, { method: "POST", headers: headersFor(), body: JSON.stringify(payload) });
+  } catch (err) {
+    throw new Error(`The service could not be reached (${err.message}).`);
+  }
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (err) {
+    body = null;
+  }
+  if (!response.ok) {
+    const words = {
+      401: "An API key is needed, or the one given is wrong.",
+      413: "Too long.",
+      422: "The request was refused.",
+      429: "The service is busy; try again in a moment.",
+      504: "The service took too long to answer.",
+    }[response.status] || `The service answered ${response.status}.`;
+    const detail = body && body.error ? ` ${body.error}` : "";
+    const kind = body && body.error_type ? ` (${body.error_type})` : "";
+    const error = new Error(`${words}${detail}${kind}`);
+    error.status = response.status;
+    throw error;
+  }
+  const timing = ["tokenization", "queue", "inference", "total"]
+    .map((name) => [name, response.headers.get(`x-${name}-time`)])
+    .filter(([, value]) => value !== null)
+    .map(([name, value]) => `${name} ${Number(value).toFixed(1)} ms`)
+    .join(", ");
+  return { body, timing };
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = false;
+}
+
+function percent(score) {
+  return `${(100 * score).toFixed(1)}%`;
+}
+
+function showVerdict(scores, timing) {
+  const best = scores[0];
+  const positive = scores.find((s) => s.label === "POSITIVE").score;
+  $("label").textContent = best.label;
+  $("label").className = best.label;
+  $("score").textContent = percent(best.score);
+  $("gauge").setAttribute("aria-valuenow", (100 * positive).toFixed(1));
+  $("gauge").setAttribute("aria-valuetext", `${percent(positive)} positive`);
+  $("gauge-fill").style.left = `calc(${(100 * positive).toFixed(2)}% - 2px)`;
+  $("timing").textContent = `Prediction: ${timing}`;
+  $("result").hidden = false;
+}
+
+// Offsets are Unicode code points (as Python counts); Array.from splits a string the same way.
+function showExplanation(text, explained, timing) {
+  const chars = Array.from(text);
+  const slice = (a, b) => chars.slice(a, b).join("");
+  const read = explained.tokens.filter((t) => t.attribution !== null);
+  const scale = Math.max(1e-9, ...read.map((t) => Math.abs(t.attribution)));
+  const out = $("tokens");
+  out.replaceChildren();
+  let at = 0;
+  for (const token of explained.tokens) {
+    out.append(slice(at, token.start));
+    const span = document.createElement("span");
+    span.className = "tok";
+    span.textContent = slice(token.start, token.end);
+    if (token.attribution === null) {
+      span.classList.add("dropped");
+      span.title = "not read: truncation dropped it";
+    } else {
+      const strength = Math.abs(token.attribution) / scale;
+      const rgb = token.attribution >= 0 ? "var(--positive)" : "var(--negative)";
+      span.style.backgroundColor = `rgba(${rgb}, ${strength.toFixed(3)})`;
+      if (strength > 0.55) span.style.color = "#fff";
+      span.dataset.attribution = token.attribution.toFixed(4);
+      span.title = `${token.attribution >= 0 ? "+" : ""}${token.attribution.toFixed(3)} towards positive`;
+    }
+    out.append(span);
+    at = token.end;
+  }
+  out.append(slice(at, chars.length));
+
+  const dropped = $("dropped");
+  if (explained.dropped_tokens) {
+    const { start, end } = explained.dropped_tokens;
+    dropped.textContent = `The model reads at most its first and last tokens: tokens ${start + 1} to ${end} (struck through) were not read.`;
+    dropped.hidden = false;
+  } else {
+    dropped.hidden = true;
+  }
+
+  const list = $("sentences");
+  list.replaceChildren();
+  for (const sentence of explained.sentences) {
+    const item = document.createElement("li");
+    const verdict = document.createElement("span");
+    verdict.className = sentence.label;
+    verdict.textContent = `${sentence.label} ${percent(sentence.score)}`;
+    item.append(verdict, " ", slice(sentence.start, sentence.end));
+    list.append(item);
+  }
+  $("mixed").hidden = !explained.mixed;
+  const gap = explained.completeness.gap;
+  $("explain-status").textContent = `Integrated gradients, ${explained.steps} steps (completeness gap ${gap.toFixed(3)}).`;
+  $("explain-timing").textContent = `Explanation: ${timing}`;
+}
+
+async function analyse(event) {
+  event.preventDefault();
+  const text = $("text").value;
+  const payload = { inputs: text, truncate: $("truncate").checked };
+  $("error").hidden = true;
+  $("result").hidden = true;
+  $("explanation").hidden = true;
+  $("submit").disabled = true;
+  try {
+    const predicted = await call("predict", payload);
+    showVerdict(predicted.body[0], predicted.timing);
+    $("explanation").hidden = false;
+    $("explain-status").textContent = "Explaining…";
+    $("tokens").replaceChildren();
+    $("sentences").replaceChildren();
+    $("explain-timing").textContent = "";
+    const explained = await call("explain", payload);
+    showExplanation(text, explained.body[0], explained.timing);
+  } catch (err) {
+    showError(err.message);
+    if (!$("explanation").hidden) $("explain-status").textContent = "No explanation: see the message above.";
+  } finally {
+    $("submit").disabled = false;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("form").addEventListener("submit", analyse);
+  $("text").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("form").requestSubmit();
+  });
+  for (const button of document.querySelectorAll("[data-example]")) {
+    button.addEventListener("click", () => {
+      $("text").value = button.dataset.example;
+      $("text").focus();
+    });
+  }
+  // Remember the key for this tab only.
+  $("apikey").value = sessionStorage.getItem("sentiment-api-key") || "";
+  $("apikey").addEventListener("change", () => sessionStorage.setItem("sentiment-api-key", $("apikey").value));
+});
