@@ -27,12 +27,14 @@ DASHBOARD_TOPICS = (
     "batch size",
     "queue depth",
     "inference",
+    "explain",
 )
 
 
 def exported_series(server: RunningServer) -> set[str]:
     httpx.post(f"{server.url}/predict", json={"inputs": "great"})
     httpx.post(f"{server.url}/predict", json={"inputs": ""})  # a failure, so labels exist
+    httpx.post(f"{server.url}/explain", json={"inputs": "great"})
     text = httpx.get(f"{server.url}/metrics").text
     return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
 

@@ -309,10 +309,14 @@ def test_metrics_parse_and_cover_the_service(server: RunningServer):
         "sentiment_inputs_truncated",
         "sentiment_model_info",
         "sentiment_inputs",
+        "sentiment_explain_queue_duration_seconds",
+        "sentiment_explain_inference_duration_seconds",
+        "sentiment_explain_queue_depth",
     ):
         assert name in families, name
     assert all(n.startswith("sentiment_") for n in families)
     assert metric(server, "sentiment_requests_total", route="/predict", status="422") >= 1
+    assert metric(server, "sentiment_failures_total", route="/predict", reason="validation") >= 1
     assert metric(server, "sentiment_model_info", name="tiny", device="cpu", dtype="float32") == 1
     # The CUDA memory family exists on every service; only one on CUDA has samples.
     assert "sentiment_cuda_memory_bytes" in families
