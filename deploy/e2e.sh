@@ -146,6 +146,27 @@ PY
 )
   log "POST /predict -> $answer"
 
+  # The explanation (a backward pass in the read-only container) and the page with its files.
+  answer=$(python3 - "$API_PORT" <<'PY'
+import json, sys, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+text = "The acting was wonderful but the plot was dull."
+request = urllib.request.Request(
+    f"{base}/explain", data=json.dumps({"inputs": text}).encode(),
+    headers={"content-type": "application/json"},
+)
+(body,) = json.loads(urllib.request.urlopen(request, timeout=60).read())
+words = {t["text"]: t["attribution"] for t in body["tokens"]}
+assert words["wonderful"] > 0 > words["dull"], words
+assert len(body["sentences"]) == 2 and body["mixed"], body["sentences"]
+page = urllib.request.urlopen(f"{base}/", timeout=30).read().decode()
+assert 'src="static/app.js"' in page, page[:200]
+assert urllib.request.urlopen(f"{base}/static/app.js", timeout=30).status == 200
+print(f"wonderful {words['wonderful']:+.2f}, dull {words['dull']:+.2f}, 2 sentences, page served")
+PY
+)
+  log "POST /explain and GET / -> $answer"
+
   local prom="http://127.0.0.1:$PROMETHEUS_PORT"
   for _ in $(seq 60); do
     if http "$prom/api/v1/targets" 2>/dev/null | python3 -c '

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,30 @@ class _ToExplain:
     segments: list[Encoded]
 
 
+class _Admission:
+    """Texts between admission and answer (tokenising, queued or running), bounded: beyond
+    ``limit``, 429 at once."""
+
+    def __init__(self, limit: int, busy: str) -> None:
+        self.limit = limit
+        self.busy = busy  # the 429's message, "{}" the count in progress
+        self.count = 0
+
+    @contextmanager
+    def admit(self, texts: int) -> Iterator[None]:
+        if self.count + texts > self.limit:
+            raise ServiceError(
+                ErrorType.OVERLOADED,
+                f"{self.busy.format(self.count)} in progress, limit {self.limit}",
+                retry_after=1,
+            )
+        self.count += texts
+        try:
+            yield
+        finally:
+            self.count -= texts
+
+
 class Predictor:
     def __init__(
         self, runtime: ModelRuntime, batcher: DynamicBatcher, settings: Settings, metrics: Metrics
@@ -87,8 +112,10 @@ class Predictor:
         self._tokenizer_pool = ThreadPoolExecutor(
             max_workers=settings.tokenization_workers, thread_name_prefix="tokenize"
         )
-        self._admitted = 0  # texts between admission and answer: tokenising, queued or running
-        self._explaining = 0  # the same for explanations
+        # Admission control at the door: a backlog must not build up before the batcher's queue
+        # (in the tokeniser's queue, say), where no bound would see it.
+        self._predictions = _Admission(settings.max_queue_texts, "server busy: {} texts")
+        self._explanations = _Admission(settings.explain_max_queue, "explanations busy: {}")
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=True)
@@ -101,26 +128,14 @@ class Predictor:
         top_k: int | None = None,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
     ) -> Prediction:
-        limit = self.settings.max_inputs_per_request
-        if len(texts) > limit:
+        if len(texts) > self.settings.max_inputs_per_request:
             raise ServiceError(
                 ErrorType.TOO_MANY_INPUTS,
-                f"{len(texts)} inputs in one request; the limit is {limit}",
+                f"{len(texts)} inputs in one request; "
+                f"the limit is {self.settings.max_inputs_per_request}",
             )
-        # Admission control at the door: a backlog must not build up before the batcher's queue
-        # (in the tokeniser's queue, say), where no bound would see it.
-        capacity = self.settings.max_queue_texts
-        if self._admitted + len(texts) > capacity:
-            raise ServiceError(
-                ErrorType.OVERLOADED,
-                f"server busy: {self._admitted} texts in progress, limit {capacity}",
-                retry_after=1,
-            )
-        self._admitted += len(texts)
-        try:
+        with self._predictions.admit(len(texts)):
             return await self._predict(texts, truncate, function, top_k, disconnected)
-        finally:
-            self._admitted -= len(texts)
 
     async def _predict(
         self,
@@ -189,25 +204,15 @@ class Predictor:
         steps: int | None = None,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
     ) -> Explanations:
-        limit = self.settings.explain_max_queue
-        if len(texts) > limit:
+        if len(texts) > self.settings.explain_max_queue:
             raise ServiceError(
                 ErrorType.TOO_MANY_INPUTS,
-                f"{len(texts)} inputs in one explanation request; the limit is {limit}",
+                f"{len(texts)} inputs in one explanation request; "
+                f"the limit is {self.settings.explain_max_queue}",
             )
-        if self._explaining + len(texts) > limit:
-            raise ServiceError(
-                ErrorType.OVERLOADED,
-                f"explanations busy: {self._explaining} in progress, limit {limit}",
-                retry_after=1,
-            )
-        self._explaining += len(texts)
-        try:
-            return await self._explain(
-                texts, truncate, steps or self.settings.explain_steps, disconnected
-            )
-        finally:
-            self._explaining -= len(texts)
+        with self._explanations.admit(len(texts)):
+            steps = steps or self.settings.explain_steps
+            return await self._explain(texts, truncate, steps, disconnected)
 
     async def _explain(
         self,

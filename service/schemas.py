@@ -6,7 +6,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    WithJsonSchema,
+    field_validator,
+)
 
 from service.bundle import ModelSummary
 from service.segments import MIXED_CONFIDENCE
@@ -20,10 +28,20 @@ _ECMASCRIPT_SPACE = re.compile(
 Text = Annotated[str, WithJsonSchema({"type": "string", "pattern": "\\S"})]
 
 
+def _json_integer(value: Any) -> Any:
+    # JSON's 2 and 2.0 are both integers; "2" and true are not.
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+
+
 class PredictParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int | None = Field(
+    top_k: JsonInt | None = Field(
         None, ge=1, description="return the k best labels (default: all labels)"
     )
     function_to_apply: Literal["sigmoid", "softmax", "none"] | None = Field(
@@ -32,32 +50,17 @@ class PredictParameters(BaseModel):
         "probabilities; 'none': calibrated log-odds",
     )
 
-    @field_validator("top_k", mode="before")
-    @classmethod
-    def _integer(cls, value: Any) -> Any:
-        # JSON's 2 and 2.0 are both integers; "2" and true are not.
-        if isinstance(value, bool | str):
-            raise ValueError("top_k must be an integer")
-        return value
-
 
 class ExplainParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps: int | None = Field(
+    steps: JsonInt | None = Field(
         None,
         ge=1,
         le=512,
         description="integration steps (default: the server's explain_steps); more steps cost "
         "more and shrink the completeness gap",
     )
-
-    @field_validator("steps", mode="before")
-    @classmethod
-    def _integer(cls, value: Any) -> Any:
-        if isinstance(value, bool | str):
-            raise ValueError("steps must be an integer")
-        return value
 
 
 class _TextsRequest(BaseModel):
