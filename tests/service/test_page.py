@@ -167,3 +167,16 @@ def test_with_auth_on_the_page_loads_and_sends_the_key(browser: WebDriver, train
         browser.find_element(By.ID, "submit").click()
         wait_for(browser, ec.presence_of_element_located((By.CSS_SELECTOR, "#sentences li")))
         assert not browser.find_element(By.ID, "error").is_displayed()
+
+
+def test_at_phone_width_nothing_spills_sideways(browser: WebDriver, shipped: RunningServer):
+    browser.set_window_size(390, 844)
+    try:
+        submit(browser, shipped.url, EXAMPLE + " " + "Unbelievably-long-hyphenated-word " * 3)
+        wait_for(browser, ec.presence_of_element_located((By.CSS_SELECTOR, "#sentences li")))
+        overflow = browser.execute_script(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0
+    finally:
+        browser.set_window_size(1000, 1200)
