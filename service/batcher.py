@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -66,7 +66,7 @@ class _QueuedJob:
     deadline: float
     started: float | None = None
     inference_s: float = 0.0
-    chunks: int = field(default=0)
+    chunks: int = 0
 
 
 @dataclass
