@@ -50,12 +50,13 @@ def main() -> int:
     # One worker per process by design: the batcher can only merge requests it sees. On
     # SIGTERM uvicorn stops accepting connections and waits for the requests in flight (each
     # bounded by its deadline); then the lifespan stops the batcher, which answers what it holds.
+    longest_deadline_s = max(settings.request_timeout_s, settings.explain_timeout_s)
     uvicorn.run(
         create_app(settings, runtime),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+        timeout_graceful_shutdown=int(longest_deadline_s) + 5,
         timeout_keep_alive=settings.keep_alive_s,
     )
     return 0
