@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +30,7 @@ from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_response
 from service.pipeline import Predictor
+from service.reload import Reloader, model_labels
 from service.routes import STATIC_DIR, router
 from service.runtime import ModelRuntime
 
@@ -57,17 +60,26 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         )
         await batcher.start()
         predictor = Predictor(model, batcher, settings, metrics)
-        card = model.card
-        info = (card.name, card.version, str(model.device), model.dtype_name)
-        metrics.model_info.labels(*info).set(1)
+        metrics.model_info.labels(*model_labels(model)).set(1)
         if model.device.type == "cuda":
             metrics.watch_cuda_memory(model.cuda_memory)
+        reloader = Reloader(predictor, settings, metrics)
+        # SIGHUP reloads the model; a signal handler can only be set from the main thread
+        # (python -m service), not where a test runs the app in a thread of its own.
+        loop = asyncio.get_running_loop()
+        on_sighup = threading.current_thread() is threading.main_thread()
+        if on_sighup:
+            loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
         app.state.predictor = predictor
-        log.info("serving %s %s on %s", card.name, card.version, model.device)
+        app.state.reloader = reloader
+        log.info("serving %s %s on %s", model.card.name, model.card.version, model.device)
         try:
             yield
         finally:
+            if on_sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
             app.state.predictor = None
+            app.state.reloader = None
             await batcher.stop()  # answers everything already queued first
             predictor.close()
             log.info("batcher drained and stopped")
@@ -81,6 +93,7 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.predictor = None
+    app.state.reloader = None
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Route templates for the metrics (FastAPI nests an included router's routes).

@@ -7,6 +7,10 @@ count and the padded-token budget, so short texts are not padded to a long neigh
 Inference runs in one worker thread, never on the event loop. Whatever happens, every waiting
 future is answered: with a result, a timeout, or the error that stopped its batch.
 
+Each text carries the model function that is to score it (the one whose tokenizer read it): a
+batch holds texts of one model only, so when the service swaps models (a reload), texts queued
+before the swap are scored by the old model and texts after it by the new one, never a mix.
+
 The same thread runs long jobs (explanations) in chunks between prediction rounds. While texts
 wait for prediction, jobs get at most ``job_share`` of the thread's time (a credit earned by
 prediction rounds, spent by chunks), so a burst of explanations slows predictions by a bounded
@@ -72,6 +76,7 @@ class _QueuedJob:
 @dataclass
 class _Pending:
     ids: np.ndarray
+    infer: InferFn
     future: asyncio.Future[ItemResult]
     enqueued: float
     deadline: float
@@ -129,8 +134,11 @@ class DynamicBatcher:
             await self._task
         self._executor.shutdown(wait=True)
 
-    def submit(self, seqs: list[np.ndarray], deadline: float) -> list[asyncio.Future[ItemResult]]:
-        """Queue texts (token ids) for inference; all or none of them are accepted."""
+    def submit(
+        self, seqs: list[np.ndarray], deadline: float, infer: InferFn | None = None
+    ) -> list[asyncio.Future[ItemResult]]:
+        """Queue texts (token ids) for inference by ``infer`` (default: the batcher's model
+        function); all or none of them are accepted."""
         if not self._accepting:
             raise ServiceError(ErrorType.UNAVAILABLE, "the service is shutting down")
         if len(self._pending) + len(seqs) > self.max_queue:
@@ -141,10 +149,11 @@ class DynamicBatcher:
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
+        model = infer or self._infer
         futures: list[asyncio.Future[ItemResult]] = []
         for ids in seqs:
             future: asyncio.Future[ItemResult] = loop.create_future()
-            self._pending.append(_Pending(ids, future, now, deadline))
+            self._pending.append(_Pending(ids, model, future, now, deadline))
             futures.append(future)
         self._metrics.queue_depth.set(len(self._pending))
         self._wakeup.set()
@@ -211,19 +220,23 @@ class DynamicBatcher:
         # request's own error answer is what gets counted.
         live = [item for item in window if not item.future.cancelled()]
         live.sort(key=lambda item: len(item.ids))
-        batches: list[list[_Pending]] = []
-        current: list[_Pending] = []
+        by_model: dict[InferFn, list[_Pending]] = {}  # a batch never mixes models
         for item in live:
-            longest = max(len(item.ids), 1)  # sorted: the newcomer is the longest
-            if current and (
-                len(current) == self.max_batch_size
-                or (len(current) + 1) * longest > self.max_batch_tokens
-            ):
+            by_model.setdefault(item.infer, []).append(item)
+        batches: list[list[_Pending]] = []
+        for items in by_model.values():
+            current: list[_Pending] = []
+            for item in items:
+                longest = max(len(item.ids), 1)  # sorted: the newcomer is the longest
+                if current and (
+                    len(current) == self.max_batch_size
+                    or (len(current) + 1) * longest > self.max_batch_tokens
+                ):
+                    batches.append(current)
+                    current = []
+                current.append(item)
+            if current:
                 batches.append(current)
-                current = []
-            current.append(item)
-        if current:
-            batches.append(current)
         return batches
 
     def _jobs_turn(self) -> bool:
@@ -293,7 +306,9 @@ class DynamicBatcher:
             return 0.0
         loop = asyncio.get_running_loop()
         try:
-            logits = await loop.run_in_executor(self._executor, self._infer, [i.ids for i in live])
+            logits = await loop.run_in_executor(
+                self._executor, live[0].infer, [i.ids for i in live]
+            )
         except Exception:
             log.exception("inference failed for a batch of %d texts", len(live))
             for item in live:

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.bundle import Dtype, resolve_device
 
+ADMIN_RELOAD = "/admin/reload"
 # Lists come from the environment as comma-separated text: SENTIMENT_CORS_ORIGINS=a,b
 CommaList = Annotated[list[str], NoDecode]
 
@@ -107,6 +108,11 @@ class Settings(BaseSettings):
         default_factory=lambda: ["/health", "/ready", "/metrics"],
         description="paths served without an API key",
     )
+    admin_reload: bool = Field(
+        False,
+        description="serve POST /admin/reload (reload the model, as SIGHUP does); needs API "
+        "keys, and the path must not be exempt from them",
+    )
     cors_origins: CommaList = Field(
         default_factory=list, description="origins allowed by CORS; none: CORS off"
     )
@@ -135,6 +141,11 @@ class Settings(BaseSettings):
             if not keys:
                 raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
             self.api_keys = [*self.api_keys, *map(SecretStr, keys)]
+        if self.admin_reload and (not self.api_keys or ADMIN_RELOAD in self.auth_exempt_paths):
+            raise ValueError(
+                "admin_reload serves POST /admin/reload only behind API keys: set api_keys "
+                "(or api_keys_file) and keep the path out of auth_exempt_paths"
+            )
         return self
 
     @property

@@ -23,6 +23,7 @@ class ErrorType(StrEnum):
     CLIENT_CLOSED = "client_disconnected"
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
+    RELOAD_FAILED = "reload_failed"
     BACKEND = "backend"
 
 
@@ -41,6 +42,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.CLIENT_CLOSED: 499,  # nginx's code: nobody reads it, but logs and metrics do
     ErrorType.TIMEOUT: 504,
     ErrorType.UNAVAILABLE: 503,
+    ErrorType.RELOAD_FAILED: 409,  # the bundle on disk cannot be served; the old model serves
     ErrorType.BACKEND: 500,
 }
 

@@ -103,6 +103,12 @@ class Metrics:
             ["route", "reason"],
             registry=r,
         )
+        self.reloads = Counter(
+            f"{PREFIX}_model_reloads",
+            "Model reloads (SIGHUP or POST /admin/reload), by result: succeeded, failed",
+            ["result"],
+            registry=r,
+        )
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The served model (value is always 1)",

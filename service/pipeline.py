@@ -35,6 +35,7 @@ EXPLAIN_CHUNK_TOKENS = 4096
 
 @dataclass(frozen=True)
 class Timing:
+    model_version: str  # the card's version of the model that answered
     tokens: int
     tokenization_s: float
     queue_s: float  # the longest wait of any of its texts
@@ -44,6 +45,7 @@ class Timing:
         """Where the time went, in milliseconds, as TEI's response headers say it."""
         total_s = self.tokenization_s + self.queue_s + self.inference_s
         return {
+            "x-model-version": self.model_version,
             "x-tokenization-time": f"{self.tokenization_s * 1e3:.3f}",
             "x-queue-time": f"{self.queue_s * 1e3:.3f}",
             "x-inference-time": f"{self.inference_s * 1e3:.3f}",
@@ -147,13 +149,14 @@ class Predictor:
     ) -> Prediction:
         started = time.monotonic()
         deadline = started + self.settings.request_timeout_s
+        runtime = self.runtime  # this request's model, to the end, whatever a reload does
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._tokenizer_pool, self.runtime.preprocess, texts)
+        encoded = await loop.run_in_executor(self._tokenizer_pool, runtime.preprocess, texts)
         tokenization_s = time.monotonic() - started
         self.metrics.tokenization_duration.observe(tokenization_s)
 
-        truncated = self._check_lengths(encoded, truncate)
-        futures = self.batcher.submit([e.ids for e in encoded], deadline)
+        truncated = self._check_lengths(runtime, encoded, truncate)
+        futures = self.batcher.submit([e.ids for e in encoded], deadline, runtime.infer)
         self.metrics.inputs.inc(len(texts))
         self.metrics.inputs_truncated.inc(truncated)
         results: list[ItemResult] = await self._wait(
@@ -165,11 +168,12 @@ class Predictor:
             scores=[
                 [
                     {"label": label, "score": score}
-                    for label, score in self.runtime.postprocess(r.logit, function or "sigmoid")[:k]
+                    for label, score in runtime.postprocess(r.logit, function or "sigmoid")[:k]
                 ]
                 for r in results
             ],
             timing=Timing(
+                model_version=runtime.card.version,
                 tokens=sum(len(e.ids) for e in encoded),
                 tokenization_s=tokenization_s,
                 queue_s=max(r.queue_s for r in results),
@@ -177,10 +181,12 @@ class Predictor:
             ),
         )
 
-    def _check_lengths(self, encoded: list[Encoded], truncate: bool | None) -> int:
+    def _check_lengths(
+        self, runtime: ModelRuntime, encoded: list[Encoded], truncate: bool | None
+    ) -> int:
         """413 for a text longer than the model reads unless truncation is asked for (or on by
         default); else the number of texts that will be truncated."""
-        cut = self.runtime.truncation
+        cut = runtime.truncation
         too_long = [
             (i, e.original_tokens)
             for i, e in enumerate(encoded)
@@ -223,20 +229,21 @@ class Predictor:
     ) -> Explanations:
         started = time.monotonic()
         deadline = started + self.settings.explain_timeout_s
+        runtime = self.runtime  # this request's model, to the end, whatever a reload does
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._tokenizer_pool, self._prepare, texts)
+        prepared = await loop.run_in_executor(self._tokenizer_pool, _prepare, runtime, texts)
         tokenization_s = time.monotonic() - started
         self.metrics.tokenization_duration.observe(tokenization_s)
-        self._check_lengths([p.encoded for p in prepared], truncate)
+        self._check_lengths(runtime, [p.encoded for p in prepared], truncate)
 
         # Segments are predictions like any other (all or none admitted), then one job per text.
         segment_ids = [s.ids for p in prepared for s in p.segments]
-        scored = self.batcher.submit(segment_ids, deadline)
+        scored = self.batcher.submit(segment_ids, deadline, runtime.infer)
         jobs: list[asyncio.Future[JobResult]] = []
         attributions = []
         try:
             for p in prepared:
-                job = self.runtime.explanation(p.encoded.ids, steps, EXPLAIN_CHUNK_TOKENS)
+                job = runtime.explanation(p.encoded.ids, steps, EXPLAIN_CHUNK_TOKENS)
                 jobs.append(self.batcher.submit_job(job, deadline))
                 attributions.append(job)
         except ServiceError:
@@ -251,76 +258,19 @@ class Predictor:
         timings: list[JobResult] = results[: len(jobs)]
         segment_logits = iter(r.logit for r in results[len(jobs) :])
         explanations = [
-            self._explanation(text, p, job.result(), [next(segment_logits) for _ in p.spans])
+            _explanation(runtime, text, p, job.result(), [next(segment_logits) for _ in p.spans])
             for text, p, job in zip(texts, prepared, attributions, strict=True)
         ]
         return Explanations(
             explanations,
             Timing(
+                model_version=runtime.card.version,
                 tokens=sum(len(p.encoded.ids) for p in prepared) * steps,
                 tokenization_s=tokenization_s,
                 queue_s=max(t.queue_s for t in timings),
                 inference_s=max(t.inference_s for t in timings),
             ),
         )
-
-    def _prepare(self, texts: list[str]) -> list[_ToExplain]:
-        """Tokens with offsets, the ids the model reads, and the segments, for each text."""
-        prepared = []
-        for text in texts:
-            tokens = self.runtime.tokenize(text)
-            ids = self.runtime.truncation.apply(tokens.ids)
-            spans = segments.split(text)
-            parts = self.runtime.preprocess([text[a:b] for a, b in spans]) if spans else []
-            prepared.append(_ToExplain(tokens, Encoded(ids, len(tokens.ids)), spans, parts))
-        return prepared
-
-    def _explanation(
-        self, text: str, p: _ToExplain, attribution: Attribution, segment_logits: list[float]
-    ) -> dict[str, Any]:
-        cut = self.runtime.truncation
-        n = len(p.tokens.ids)
-        # The model read every token, or the first `head` and the last `tail` of them.
-        dropped = (cut.head, n - cut.tail) if n > cut.max_length else None
-        read = np.full(n, np.nan)
-        if dropped is None:
-            read[:] = attribution.tokens
-        else:
-            read[: cut.head] = attribution.tokens[: cut.head]
-            read[dropped[1] :] = attribution.tokens[cut.head :]
-        label, score = self.runtime.postprocess(attribution.logit)[0]
-        verdicts = [self.runtime.postprocess(logit)[0] for logit in segment_logits]
-        sentences = [
-            {"start": start, "end": end, "label": s_label, "score": s_score}
-            for (start, end), (s_label, s_score) in zip(p.spans, verdicts, strict=True)
-        ]
-        confident = {s_label for s_label, s_score in verdicts if s_score >= MIXED_CONFIDENCE}
-        return {
-            "label": label,
-            "score": score,
-            "tokens": [
-                {
-                    "token": token,
-                    "text": text[start:end],
-                    "start": start,
-                    "end": end,
-                    "attribution": None if np.isnan(a) else float(a),
-                }
-                for token, (start, end), a in zip(
-                    p.tokens.tokens, p.tokens.offsets, read, strict=True
-                )
-            ],
-            "dropped_tokens": None if dropped is None else {"start": dropped[0], "end": dropped[1]},
-            "sentences": sentences,
-            "mixed": len(confident) > 1,
-            "completeness": {
-                "attribution_sum": float(attribution.tokens.sum()),
-                "logit": attribution.logit,
-                "baseline_logit": attribution.baseline_logit,
-                "gap": attribution.gap,
-            },
-            "steps": attribution.steps,
-        }
 
     async def _wait(
         self,
@@ -358,3 +308,66 @@ class Predictor:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _prepare(runtime: ModelRuntime, texts: list[str]) -> list[_ToExplain]:
+    """Tokens with offsets, the ids the model reads, and the segments, for each text."""
+    prepared = []
+    for text in texts:
+        tokens = runtime.tokenize(text)
+        ids = runtime.truncation.apply(tokens.ids)
+        spans = segments.split(text)
+        parts = runtime.preprocess([text[a:b] for a, b in spans]) if spans else []
+        prepared.append(_ToExplain(tokens, Encoded(ids, len(tokens.ids)), spans, parts))
+    return prepared
+
+
+def _explanation(
+    runtime: ModelRuntime,
+    text: str,
+    p: _ToExplain,
+    attribution: Attribution,
+    segment_logits: list[float],
+) -> dict[str, Any]:
+    """The answer for one text, as ``schemas.Explanation``."""
+    cut = runtime.truncation
+    n = len(p.tokens.ids)
+    # The model read every token, or the first `head` and the last `tail` of them.
+    dropped = (cut.head, n - cut.tail) if n > cut.max_length else None
+    read = np.full(n, np.nan)
+    if dropped is None:
+        read[:] = attribution.tokens
+    else:
+        read[: cut.head] = attribution.tokens[: cut.head]
+        read[dropped[1] :] = attribution.tokens[cut.head :]
+    label, score = runtime.postprocess(attribution.logit)[0]
+    verdicts = [runtime.postprocess(logit)[0] for logit in segment_logits]
+    sentences = [
+        {"start": start, "end": end, "label": s_label, "score": s_score}
+        for (start, end), (s_label, s_score) in zip(p.spans, verdicts, strict=True)
+    ]
+    confident = {s_label for s_label, s_score in verdicts if s_score >= MIXED_CONFIDENCE}
+    return {
+        "label": label,
+        "score": score,
+        "tokens": [
+            {
+                "token": token,
+                "text": text[start:end],
+                "start": start,
+                "end": end,
+                "attribution": None if np.isnan(a) else float(a),
+            }
+            for token, (start, end), a in zip(p.tokens.tokens, p.tokens.offsets, read, strict=True)
+        ],
+        "dropped_tokens": None if dropped is None else {"start": dropped[0], "end": dropped[1]},
+        "sentences": sentences,
+        "mixed": len(confident) > 1,
+        "completeness": {
+            "attribution_sum": float(attribution.tokens.sum()),
+            "logit": attribution.logit,
+            "baseline_logit": attribution.baseline_logit,
+            "gap": attribution.gap,
+        },
+        "steps": attribution.steps,
+    }

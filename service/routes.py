@@ -11,10 +11,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.config import Settings
+from service.config import ADMIN_RELOAD, Settings
 from service.errors import STATUS, ErrorType, ServiceError
 from service.metrics import Metrics
 from service.pipeline import Predictor
+from service.reload import Reloader
 from service.schemas import (
     BatchSettings,
     ErrorResponse,
@@ -25,6 +26,7 @@ from service.schemas import (
     InfoResponse,
     PredictRequest,
     PredictResponse,
+    ReloadResponse,
 )
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -58,6 +60,20 @@ async def get_predictor(request: Request) -> Predictor:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
+
+
+async def get_reloader(request: Request, settings: SettingsDep) -> Reloader:
+    """The reloader when POST /admin/reload is enabled (404 otherwise, as for any unknown
+    path); 503 before the model is loaded."""
+    if not settings.admin_reload:
+        raise ServiceError(ErrorType.NOT_FOUND, "Not Found")
+    reloader: Reloader | None = request.app.state.reloader
+    if reloader is None:
+        raise ServiceError(ErrorType.UNAVAILABLE, "the model is not loaded yet", retry_after=1)
+    return reloader
+
+
+ReloaderDep = Annotated[Reloader, Depends(get_reloader)]
 
 router = APIRouter()
 
@@ -94,6 +110,22 @@ async def explain(body: ExplainRequest, request: Request, predictor: PredictorDe
         disconnected=lambda: _client_gone(request),
     )
     return JSONResponse(explained.explanations, headers=explained.timing.headers())
+
+
+@router.post(
+    ADMIN_RELOAD,
+    response_model=ReloadResponse,
+    responses=ERROR_RESPONSES,
+    summary="Reload the model from its bundle (as SIGHUP does); off unless admin_reload is set",
+)
+async def reload_model(reloader: ReloaderDep) -> ReloadResponse:
+    reloaded = await reloader.reload()
+    return ReloadResponse(
+        name=reloaded.name,
+        version=reloaded.version,
+        previous_version=reloaded.previous_version,
+        seconds=reloaded.seconds,
+    )
 
 
 @router.get("/", include_in_schema=False)

@@ -181,6 +181,13 @@ class Explanation(BaseModel):
 ExplainResponse = list[Explanation]
 
 
+class ReloadResponse(BaseModel):
+    name: str
+    version: str = Field(description="the version now serving (the card's)")
+    previous_version: str
+    seconds: float = Field(description="time to load, check and warm the new model")
+
+
 class ErrorResponse(BaseModel):
     error: str = Field(description="what is wrong, in words")
     error_type: str = Field(description="machine-readable kind, e.g. validation, overloaded")

@@ -368,3 +368,27 @@ def test_stop_finishes_accepted_jobs():
         assert job.result().chunks == 4
 
     run(scenario())
+
+
+def test_texts_for_two_models_never_share_a_batch():
+    """If this fails, a model swap (reload) could score one request with two models."""
+    old, new = RecordingModel(), RecordingModel()
+    new_logit = lambda seqs: new(seqs) + 1000  # noqa: E731  (a different model's answers)
+
+    async def scenario() -> list[float]:
+        batcher = make(old, max_batch_size=64, max_wait_s=0.05)
+        await batcher.start()
+        deadline = time.monotonic() + 10
+        futures = []
+        for i in range(10):  # interleaved submissions, all queued before the first batch
+            futures += batcher.submit([seq(2, i)], deadline)
+            futures += batcher.submit([seq(3, i)], deadline, infer=new_logit)
+        results = await asyncio.gather(*futures)
+        await batcher.stop()
+        return [r.logit for r in results]
+
+    logits = run(scenario())
+    assert logits[0::2] == [2.0 * i for i in range(10)]
+    assert logits[1::2] == [3.0 * i + 1000 for i in range(10)]
+    assert old.batches == [[2] * 10]
+    assert new.batches == [[3] * 10]

@@ -1,0 +1,87 @@
+"""Live model reload: load the bundle the settings point to, check and warm it off the request
+path, then swap it in. Requests admitted before the swap finish on the model that read them
+(the batcher never mixes models in a batch); requests after it get the new one. A bundle that
+fails its checks is refused and the old model keeps serving.
+
+Triggered by SIGHUP (``python -m service``) or, when enabled, ``POST /admin/reload``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from service.config import Settings
+from service.errors import ErrorType, ServiceError
+from service.metrics import Metrics
+from service.pipeline import Predictor
+from service.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    name: str
+    version: str
+    previous_version: str
+    seconds: float
+
+
+def model_labels(runtime: ModelRuntime) -> tuple[str, str, str, str]:
+    """The ``model_info`` labels of a runtime: name, version, device, dtype."""
+    card = runtime.card
+    return card.name, card.version, str(runtime.device), runtime.dtype_name
+
+
+class Reloader:
+    def __init__(self, predictor: Predictor, settings: Settings, metrics: Metrics) -> None:
+        self.predictor = predictor
+        self.settings = settings
+        self.metrics = metrics
+        self._lock = asyncio.Lock()  # one reload at a time; a second waits for the first
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def reload(self) -> Reloaded:
+        async with self._lock:
+            started = time.monotonic()
+            s = self.settings
+            try:
+                new = await asyncio.to_thread(ModelRuntime.load, s.bundle_dir, s.device, s.dtype)
+                if s.warmup:
+                    await asyncio.to_thread(new.warmup, (1, s.max_batch_size))
+            except Exception as exc:  # a BundleError, or a model that fails on its warm-up
+                self.metrics.reloads.labels("failed").inc()
+                log.error("reload refused, the previous model keeps serving: %s", exc)
+                raise ServiceError(
+                    ErrorType.RELOAD_FAILED,
+                    f"reload refused, the previous model keeps serving: {exc}",
+                ) from exc
+            old = self.predictor.runtime
+            self.predictor.runtime = new  # from here on, new requests read with the new model
+            self.metrics.model_info.remove(*model_labels(old))
+            self.metrics.model_info.labels(*model_labels(new)).set(1)
+            self.metrics.reloads.labels("succeeded").inc()
+            seconds = time.monotonic() - started
+            log.info(
+                "reloaded %s: version %s -> %s in %.1f s",
+                new.card.name,
+                old.card.version,
+                new.card.version,
+                seconds,
+            )
+            return Reloaded(new.card.name, new.card.version, old.card.version, seconds)
+
+    def on_signal(self) -> None:
+        """SIGHUP (called by the event loop): start a reload; its outcome goes to the log and
+        the metrics."""
+        task = asyncio.ensure_future(self._reload_quietly())
+        self._tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_quietly(self) -> None:
+        with contextlib.suppress(ServiceError):  # logged and counted by reload()
+            await self.reload()
