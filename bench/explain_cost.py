@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -116,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
     per_s_alone = statistics.median(r["requests_per_s"] for r in alone)
     per_s_shared = statistics.median(r["requests_per_s"] for r in shared)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
     report = {
-        "command": "python -m bench.explain_cost " + " ".join(argv or []),
+        "command": f"python -m bench.explain_cost {command}",
         "env": env,
         "predict_clients": PREDICT_CLIENTS,
         "explain_clients": EXPLAIN_CLIENTS,
