@@ -11,15 +11,19 @@ Each text carries the model function that is to score it (the one whose tokenize
 batch holds texts of one model only, so when the service swaps models (a reload), texts queued
 before the swap are scored by the old model and texts after it by the new one, never a mix.
 
-The same thread runs long jobs (explanations) in chunks between prediction rounds. While texts
-wait for prediction, jobs get at most ``job_share`` of the thread's time (a credit earned by
-prediction rounds, spent by chunks), so a burst of explanations slows predictions by a bounded
-fraction and never stops them; with no prediction waiting, jobs run back to back.
+The same thread runs long jobs (explanations) in chunks between prediction rounds. While
+predictions are busy, jobs get at most ``job_share`` of the thread's time (a credit earned by
+prediction batches, spent by chunks), so a burst of explanations slows predictions by a bounded
+fraction and never stops them. "Busy" means texts are waiting or one arrived within
+``PREDICTIONS_IDLE_S``: under a closed loop of clients the queue is empty for the moment between
+an answer and the client's next request, and jobs must not take that moment for free. When
+predictions are idle, jobs run back to back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 InferFn = Callable[[list[np.ndarray]], np.ndarray]
 ROUND_BATCHES = 4
+PREDICTIONS_IDLE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class DynamicBatcher:
         self._jobs: deque[_QueuedJob] = deque()
         # Seconds of inference-thread time jobs may take before the next prediction round.
         self._job_credit = 0.0
+        self._last_arrival = float("-inf")  # monotonic time of the latest prediction text
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
@@ -150,6 +156,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         model = infer or self._infer
+        self._last_arrival = now
         futures: list[asyncio.Future[ItemResult]] = []
         for ids in seqs:
             future: asyncio.Future[ItemResult] = loop.create_future()
@@ -184,6 +191,9 @@ class DynamicBatcher:
                     continue
                 if self._jobs_turn():
                     await self._advance_job()
+                    continue
+                if not self._pending:  # jobs wait for credit; predictions may come back soon
+                    await self._wait_until(self._last_arrival + PREDICTIONS_IDLE_S)
                     continue
                 await self._wait_for_company()
                 for batch in self._next_round():
@@ -239,10 +249,20 @@ class DynamicBatcher:
                 batches.append(current)
         return batches
 
+    def _predictions_busy(self) -> bool:
+        recent = time.monotonic() - self._last_arrival < PREDICTIONS_IDLE_S
+        return bool(self._pending) or recent
+
     def _jobs_turn(self) -> bool:
         if not self._jobs:
             return False
-        return not self._pending or self.job_share == 1 or self._job_credit > 0
+        return self.job_share == 1 or self._job_credit > 0 or not self._predictions_busy()
+
+    async def _wait_until(self, when: float) -> None:
+        """Until ``when`` (monotonic) or new work, whichever comes first."""
+        self._wakeup.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), max(0.0, when - time.monotonic()))
 
     async def _advance_job(self) -> None:
         """One chunk of the oldest job; the job leaves the queue when done, given up or failed."""
@@ -258,7 +278,7 @@ class DynamicBatcher:
         if queued.started is None:
             queued.started = started
             self._metrics.explain_queue_duration.observe(started - queued.enqueued)
-        contended = bool(self._pending)
+        contended = self._predictions_busy()
         loop = asyncio.get_running_loop()
         try:
             done = await loop.run_in_executor(self._executor, queued.job.advance)
