@@ -14,10 +14,10 @@ before the swap are scored by the old model and texts after it by the new one, n
 The same thread runs long jobs (explanations) in chunks between prediction rounds. While
 predictions are busy, jobs get at most ``job_share`` of the thread's time (a credit earned by
 prediction batches, spent by chunks), so a burst of explanations slows predictions by a bounded
-fraction and never stops them. "Busy" means texts are waiting or one arrived within
-``PREDICTIONS_IDLE_S``: under a closed loop of clients the queue is empty for the moment between
-an answer and the client's next request, and jobs must not take that moment for free. When
-predictions are idle, jobs run back to back.
+fraction and never stops them. "Busy" means texts are waiting, or one arrived or a batch ended
+within ``PREDICTIONS_IDLE_S``: under a closed loop of clients the queue is empty between the
+end of a batch and the clients' next requests, and jobs must not take that moment for free.
+When predictions are idle, jobs run back to back.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ class DynamicBatcher:
         self._jobs: deque[_QueuedJob] = deque()
         # Seconds of inference-thread time jobs may take before the next prediction round.
         self._job_credit = 0.0
-        self._last_arrival = float("-inf")  # monotonic time of the latest prediction text
+        # Monotonic time of the latest prediction activity: a text arriving, a batch ending.
+        self._last_prediction = float("-inf")
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
@@ -156,7 +157,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         model = infer or self._infer
-        self._last_arrival = now
+        self._last_prediction = now
         futures: list[asyncio.Future[ItemResult]] = []
         for ids in seqs:
             future: asyncio.Future[ItemResult] = loop.create_future()
@@ -193,7 +194,7 @@ class DynamicBatcher:
                     await self._advance_job()
                     continue
                 if not self._pending:  # jobs wait for credit; predictions may come back soon
-                    await self._wait_until(self._last_arrival + PREDICTIONS_IDLE_S)
+                    await self._wait_until(self._last_prediction + PREDICTIONS_IDLE_S)
                     continue
                 await self._wait_for_company()
                 for batch in self._next_round():
@@ -250,7 +251,7 @@ class DynamicBatcher:
         return batches
 
     def _predictions_busy(self) -> bool:
-        recent = time.monotonic() - self._last_arrival < PREDICTIONS_IDLE_S
+        recent = time.monotonic() - self._last_prediction < PREDICTIONS_IDLE_S
         return bool(self._pending) or recent
 
     def _jobs_turn(self) -> bool:
@@ -337,7 +338,8 @@ class DynamicBatcher:
                         ServiceError(ErrorType.BACKEND, "inference failed; see the server log")
                     )
             return time.monotonic() - started
-        elapsed = time.monotonic() - started
+        self._last_prediction = time.monotonic()
+        elapsed = self._last_prediction - started
         m = self._metrics
         m.batch_size.observe(len(live))
         m.batch_tokens.observe(len(live) * max(1, max(len(i.ids) for i in live)))

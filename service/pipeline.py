@@ -27,9 +27,9 @@ from service.metrics import Metrics
 from service.runtime import Attribution, Encoded, ModelRuntime, ScoreFunction, Tokens
 from service.segments import MIXED_CONFIDENCE
 
-# Interpolated tokens per explanation chunk. A chunk is a forward and a backward pass (about
-# three forward passes' work): 4,096 tokens take about as long as a prediction batch of 64
-# reviews on two CPU cores (0.4 s), so a prediction waits at most about that behind a chunk.
+# Interpolated tokens per explanation chunk. A chunk is a forward and a backward pass: 4,096
+# tokens take about 0.5 s on two CPU cores, close to a prediction batch of 64 reviews (0.43 s,
+# 15k tokens forward only), so a prediction waits at most about that behind a chunk.
 EXPLAIN_CHUNK_TOKENS = 4096
 
 

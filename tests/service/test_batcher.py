@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service import batcher as batcher_module
 from service.batcher import DynamicBatcher
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
@@ -263,10 +264,14 @@ def test_a_job_runs_all_its_chunks_in_the_inference_thread_and_reports_its_time(
 
 @pytest.mark.parametrize("clients", [1, 4])
 @pytest.mark.parametrize("share", [0.25, 0.5])
-def test_jobs_take_their_share_of_the_thread_while_predictions_are_busy(share: float, clients: int):
+def test_jobs_take_their_share_of_the_thread_while_predictions_are_busy(
+    share: float, clients: int, monkeypatch: pytest.MonkeyPatch
+):
     """If this fails, a stream of explanations starves /predict (or the share setting lies).
     One client in a closed loop leaves the queue empty between an answer and its next request,
-    a moment jobs must not take for free; four keep texts waiting all along."""
+    a moment jobs must not take for free; four keep texts waiting all along. Batches last
+    longer than the idle window, as real ones do (0.3 s against 0.1 s)."""
+    monkeypatch.setattr(batcher_module, "PREDICTIONS_IDLE_S", 0.01)
     timeline: list[str] = []
     model = TimelineModel(timeline, delay=0.02)
     job = ChunkedJob(timeline, "job", chunks=10, delay=0.02)
