@@ -31,7 +31,7 @@ from service.metrics import Metrics
 from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_response
 from service.pipeline import Predictor
 from service.reload import Reloader, model_labels
-from service.routes import STATIC_DIR, router
+from service.routes import STATIC_DIR, admin_router, router
 from service.runtime import ModelRuntime
 
 log = logging.getLogger("service")
@@ -95,9 +95,13 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
     app.state.predictor = None
     app.state.reloader = None
     app.include_router(router)
+    if settings.admin_reload:
+        app.include_router(admin_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     # Route templates for the metrics (FastAPI nests an included router's routes).
-    paths = frozenset(getattr(r, "path", "") for r in (*app.routes, *router.routes)) - {""}
+    admin_routes = admin_router.routes if settings.admin_reload else []
+    routes = (*app.routes, *router.routes, *admin_routes)
+    paths = frozenset(getattr(r, "path", "") for r in routes) - {""}
     _register_errors(app, metrics, paths)
     # Added innermost first: metrics see every answer, CORS answers preflights before auth,
     # and no body is read for a request that auth refuses.

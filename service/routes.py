@@ -62,11 +62,8 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 
-async def get_reloader(request: Request, settings: SettingsDep) -> Reloader:
-    """The reloader when POST /admin/reload is enabled (404 otherwise, as for any unknown
-    path); 503 before the model is loaded."""
-    if not settings.admin_reload:
-        raise ServiceError(ErrorType.NOT_FOUND, "Not Found")
+async def get_reloader(request: Request) -> Reloader:
+    """The reloader once the lifespan has loaded the model; 503 before."""
     reloader: Reloader | None = request.app.state.reloader
     if reloader is None:
         raise ServiceError(ErrorType.UNAVAILABLE, "the model is not loaded yet", retry_after=1)
@@ -76,6 +73,9 @@ async def get_reloader(request: Request, settings: SettingsDep) -> Reloader:
 ReloaderDep = Annotated[Reloader, Depends(get_reloader)]
 
 router = APIRouter()
+# Included only when settings.admin_reload is on: otherwise the path does not exist (404) and
+# the OpenAPI schema does not show it.
+admin_router = APIRouter()
 
 
 @router.post(
@@ -112,11 +112,11 @@ async def explain(body: ExplainRequest, request: Request, predictor: PredictorDe
     return JSONResponse(explained.explanations, headers=explained.timing.headers())
 
 
-@router.post(
+@admin_router.post(
     ADMIN_RELOAD,
     response_model=ReloadResponse,
     responses=ERROR_RESPONSES,
-    summary="Reload the model from its bundle (as SIGHUP does); off unless admin_reload is set",
+    summary="Reload the model from its bundle, as SIGHUP does (SENTIMENT_ADMIN_RELOAD)",
 )
 async def reload_model(reloader: ReloaderDep) -> ReloadResponse:
     reloaded = await reloader.reload()

@@ -35,15 +35,15 @@ def _json_integer(value: Any) -> Any:
     return value
 
 
-JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+# The bounds come before the validator, so that the JSON schema states them (minimum, maximum).
+TopK = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
+Steps = Annotated[int, Field(ge=1, le=512), BeforeValidator(_json_integer)]
 
 
 class PredictParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    top_k: JsonInt | None = Field(
-        None, ge=1, description="return the k best labels (default: all labels)"
-    )
+    top_k: TopK | None = Field(None, description="return the k best labels (default: all labels)")
     function_to_apply: Literal["sigmoid", "softmax", "none"] | None = Field(
         None,
         description="'sigmoid' or 'softmax' (the same for this one-logit model): calibrated "
@@ -54,10 +54,8 @@ class PredictParameters(BaseModel):
 class ExplainParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps: JsonInt | None = Field(
+    steps: Steps | None = Field(
         None,
-        ge=1,
-        le=512,
         description="integration steps (default: the server's explain_steps); more steps cost "
         "more and shrink the completeness gap",
     )
