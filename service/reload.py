@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from service.bundle import BundleError
 from service.config import Settings
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
@@ -55,10 +56,17 @@ class Reloader:
                     await asyncio.to_thread(new.warmup, (1, s.max_batch_size))
             except Exception as exc:  # a BundleError, or a model that fails on its warm-up
                 self.metrics.reloads.labels("failed").inc()
-                log.error("reload refused, the previous model keeps serving: %s", exc)
+                # A BundleError's message is the service's own (what is wrong with which file):
+                # one line, in the log and the answer. Anything else: its traceback, logged.
+                if isinstance(exc, BundleError):
+                    reason = str(exc)
+                    log.error("reload refused, the previous model keeps serving: %s", exc)
+                else:
+                    reason = "see the server log"
+                    log.exception("reload refused, the previous model keeps serving")
                 raise ServiceError(
                     ErrorType.RELOAD_FAILED,
-                    f"reload refused, the previous model keeps serving: {exc}",
+                    f"reload refused, the previous model keeps serving: {reason}",
                 ) from exc
             old = self.predictor.runtime
             self.predictor.runtime = new  # from here on, new requests read with the new model
