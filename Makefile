@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/hadolint Dockerfile
+	$(BIN)/hadolint Dockerfile deploy/swarm/haproxy.Dockerfile deploy/swarm/v2.Dockerfile
 
 format: install
 	$(BIN)/ruff check --fix .

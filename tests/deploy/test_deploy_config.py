@@ -107,3 +107,26 @@ def test_docker_compose_config_validates(files: list[str]):
         ["docker-compose", *args, "config", "-q"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_swarm_stack_balances_over_every_task_and_rolls_out_start_first():
+    """The parts of deploy/swarm that must agree with each other and with the service (the
+    stack itself runs in deploy/swarm/e2e.sh)."""
+    swarm = ROOT / "deploy" / "swarm"
+    stack = yaml.safe_load((swarm / "stack.yml").read_text())
+    api = stack["services"]["api"]
+    assert api["deploy"]["endpoint_mode"] == "dnsrr"  # tasks.api lists every task
+    update = api["deploy"]["update_config"]
+    assert (update["order"], update["parallelism"]) == ("start-first", 1)
+    assert "/ready" in " ".join(api["healthcheck"]["test"])
+    settings = Settings()
+    longest_s = max(settings.request_timeout_s, settings.explain_timeout_s)
+    assert int(api["stop_grace_period"].removesuffix("s")) >= longest_s + 5
+    assert stack["networks"]["default"]["attachable"] is True
+    prometheus = yaml.safe_load((swarm / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["dns_sd_configs"][0]["names"] == ["tasks.api"]
+    assert job["dns_sd_configs"][0]["port"] == settings.port
+    haproxy = (swarm / "haproxy.cfg").read_text()
+    assert f"tasks.api:{settings.port}" in haproxy
+    assert "option httpchk GET /ready" in haproxy
