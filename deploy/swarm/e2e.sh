@@ -46,13 +46,16 @@ API_REPLICAS=$REPLICAS docker stack deploy -c stack.yml "$STACK" >/dev/null
 network="${STACK}_default"
 in_network() { docker run --rm --network "$network" -v "$PWD":/swarm:ro imdb-sentiment:latest "$@"; }
 
-for _ in $(seq 90); do
-  running=$(docker service ps "${STACK}_api" --filter desired-state=running \
-    --format '{{.CurrentState}}' | grep -c '^Running' || true)
-  [ "$running" = "$REPLICAS" ] && break
-  sleep 2
-done
-[ "$running" = "$REPLICAS" ] || fail "$running of $REPLICAS api tasks running"
+wait_running() {  # until REPLICAS api tasks run, at most $1 tries 2 s apart
+  for _ in $(seq "$1"); do
+    running=$(docker service ps "${STACK}_api" --filter desired-state=running \
+      --format '{{.CurrentState}}' | grep -c '^Running' || true)
+    [ "$running" = "$REPLICAS" ] && return 0
+    sleep 2
+  done
+  return 1
+}
+wait_running 90 || fail "$running of $REPLICAS api tasks running"
 log "$REPLICAS api tasks running"
 
 targets_up() {
@@ -107,12 +110,6 @@ failed = result["sent"] - result["statuses"].get("200", 0)
 assert failed <= 0.01 * result["sent"], f"{failed} of {result['sent']} failed"
 print(f"kill: {result['sent']} sent, {failed} not answered 200 ({failed / result['sent']:.3%})")
 PY
-for _ in $(seq 60); do
-  running=$(docker service ps "${STACK}_api" --filter desired-state=running \
-    --format '{{.CurrentState}}' | grep -c '^Running' || true)
-  [ "$running" = "$REPLICAS" ] && break
-  sleep 2
-done
-[ "$running" = "$REPLICAS" ] || fail "the killed task was not replaced ($running running)"
+wait_running 60 || fail "the killed task was not replaced ($running running)"
 log "the swarm replaced the killed task: $running api tasks running"
 log "PASSED"
