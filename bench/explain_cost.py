@@ -95,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             for with_explanations in (False, True) if i % 2 == 0 else (True, False):
                 if not with_explanations:
                     result = run_wrk(server.url, work.single, PREDICT_CLIENTS, args.seconds)
-                    alone.append({"requests_per_s": round(result.ok_per_s, 1), **result.summary()})
+                    alone.append(result.summary())
                     print(f"round {i + 1} alone:             {result.ok_per_s:7.1f} req/s")
                     continue
                 with Explainers(explain_url, work.reviews, EXPLAIN_CLIENTS) as explainers:
                     time.sleep(2)  # explanations queued and running before the measurement
                     result = run_wrk(server.url, work.single, PREDICT_CLIENTS, args.seconds)
-                shared.append({"requests_per_s": round(result.ok_per_s, 1), **result.summary()})
+                shared.append(result.summary())
                 latencies = sorted(explainers.latencies)
                 explained.append(
                     {

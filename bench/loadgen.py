@@ -57,6 +57,7 @@ class LoadResult:
             "seconds": round(self.seconds, 2),
             "texts_per_request": self.texts_per_request,
             "requests": self.requests,
+            "requests_per_s": round(self.ok_per_s, 1),
             "texts_per_s": round(self.texts_per_s, 1),
             "p50_ms": round(self.p(50), 2),
             "p95_ms": round(self.p(95), 2),

@@ -40,34 +40,23 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+
+        def seconds(name: str, description: str, labels: tuple[str, ...] = ()) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", description, labels, buckets=_SECONDS, registry=r)
+
         self.requests = Counter(
             f"{PREFIX}_requests", "HTTP requests answered", ["route", "status"], registry=r
         )
-        self.request_duration = Histogram(
-            f"{PREFIX}_request_duration_seconds",
-            "HTTP request duration",
-            ["route"],
-            buckets=_SECONDS,
-            registry=r,
+        self.request_duration = seconds(
+            "request_duration_seconds", "HTTP request duration", ("route",)
         )
-        self.tokenization_duration = Histogram(
-            f"{PREFIX}_tokenization_duration_seconds",
-            "Tokenisation time per request",
-            buckets=_SECONDS,
-            registry=r,
+        self.tokenization_duration = seconds(
+            "tokenization_duration_seconds", "Tokenisation time per request"
         )
-        self.queue_duration = Histogram(
-            f"{PREFIX}_queue_duration_seconds",
-            "Time a text waits before its batch runs",
-            buckets=_SECONDS,
-            registry=r,
+        self.queue_duration = seconds(
+            "queue_duration_seconds", "Time a text waits before its batch runs"
         )
-        self.inference_duration = Histogram(
-            f"{PREFIX}_inference_duration_seconds",
-            "Model time per batch",
-            buckets=_SECONDS,
-            registry=r,
-        )
+        self.inference_duration = seconds("inference_duration_seconds", "Model time per batch")
         self.batch_size = Histogram(
             f"{PREFIX}_batch_size", "Texts per model batch", buckets=_POWERS_OF_TWO, registry=r
         )
@@ -78,17 +67,13 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Texts waiting for a batch", registry=r)
-        self.explain_queue_duration = Histogram(
-            f"{PREFIX}_explain_queue_duration_seconds",
+        self.explain_queue_duration = seconds(
+            "explain_queue_duration_seconds",
             "Time an explanation waits before its first chunk runs",
-            buckets=_SECONDS,
-            registry=r,
         )
-        self.explain_inference_duration = Histogram(
-            f"{PREFIX}_explain_inference_duration_seconds",
+        self.explain_inference_duration = seconds(
+            "explain_inference_duration_seconds",
             "Model time per explanation (its chunks, forward and backward, summed)",
-            buckets=_SECONDS,
-            registry=r,
         )
         self.explain_queue_depth = Gauge(
             f"{PREFIX}_explain_queue_depth", "Explanations queued or running", registry=r

@@ -77,16 +77,23 @@ class _ToExplain:
 
 
 class _Admission:
-    """Texts between admission and answer (tokenising, queued or running), bounded: beyond
-    ``limit``, 429 at once."""
+    """The door: at most ``per_request`` texts in one request (413), and at most ``limit`` texts
+    between admission and answer (tokenising, queued or running; beyond it, 429 at once)."""
 
-    def __init__(self, limit: int, busy: str) -> None:
+    def __init__(self, limit: int, per_request: int, request: str, busy: str) -> None:
         self.limit = limit
+        self.per_request = per_request
+        self.request = request  # what the 413 calls a request
         self.busy = busy  # the 429's message, "{}" the count in progress
         self.count = 0
 
     @contextmanager
     def admit(self, texts: int) -> Iterator[None]:
+        if texts > self.per_request:
+            raise ServiceError(
+                ErrorType.TOO_MANY_INPUTS,
+                f"{texts} inputs in one {self.request}; the limit is {self.per_request}",
+            )
         if self.count + texts > self.limit:
             raise ServiceError(
                 ErrorType.OVERLOADED,
@@ -116,8 +123,19 @@ class Predictor:
         )
         # Admission control at the door: a backlog must not build up before the batcher's queue
         # (in the tokeniser's queue, say), where no bound would see it.
-        self._predictions = _Admission(settings.max_queue_texts, "server busy: {} texts")
-        self._explanations = _Admission(settings.explain_max_queue, "explanations busy: {}")
+        self._predictions = _Admission(
+            settings.max_queue_texts,
+            settings.max_inputs_per_request,
+            "request",
+            "server busy: {} texts",
+        )
+        # One bound for both: an explanation request's texts are each a long job.
+        self._explanations = _Admission(
+            settings.explain_max_queue,
+            settings.explain_max_queue,
+            "explanation request",
+            "explanations busy: {}",
+        )
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=True)
@@ -130,12 +148,6 @@ class Predictor:
         top_k: int | None = None,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
     ) -> Prediction:
-        if len(texts) > self.settings.max_inputs_per_request:
-            raise ServiceError(
-                ErrorType.TOO_MANY_INPUTS,
-                f"{len(texts)} inputs in one request; "
-                f"the limit is {self.settings.max_inputs_per_request}",
-            )
         with self._predictions.admit(len(texts)):
             return await self._predict(texts, truncate, function, top_k, disconnected)
 
@@ -210,12 +222,6 @@ class Predictor:
         steps: int | None = None,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
     ) -> Explanations:
-        if len(texts) > self.settings.explain_max_queue:
-            raise ServiceError(
-                ErrorType.TOO_MANY_INPUTS,
-                f"{len(texts)} inputs in one explanation request; "
-                f"the limit is {self.settings.explain_max_queue}",
-            )
         with self._explanations.admit(len(texts)):
             steps = steps or self.settings.explain_steps
             return await self._explain(texts, truncate, steps, disconnected)

@@ -62,11 +62,10 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 
-async def get_reloader(request: Request) -> Reloader:
-    """The reloader once the lifespan has loaded the model; 503 before."""
-    reloader: Reloader | None = request.app.state.reloader
-    if reloader is None:
-        raise ServiceError(ErrorType.UNAVAILABLE, "the model is not loaded yet", retry_after=1)
+async def get_reloader(request: Request, _: PredictorDep) -> Reloader:
+    """The reloader; the lifespan sets it with the predictor, whose dependency answers 503
+    before then."""
+    reloader: Reloader = request.app.state.reloader
     return reloader
 
 
