@@ -123,10 +123,11 @@ class TrainConfig:
     optimizer: Literal["adam", "adamw"] = _opt("adamw", "optimiser", choices=("adam", "adamw"))
     weight_decay: float = _opt(1e-2, "weight decay (decoupled for adamw)")
     clip_norm: float = _opt(1.0, "gradient-norm clip")
-    select_on: Literal["loss", "accuracy"] = _opt(
+    select_on: Literal["loss", "accuracy", "both"] = _opt(
         "loss",
-        "validation metric that picks the best epoch and drives early stopping",
-        choices=("loss", "accuracy"),
+        "validation metric that picks the best epoch and drives early stopping ('both': the "
+        "mean of the accuracies on validation reviews and on the short-text validation split)",
+        choices=("loss", "accuracy", "both"),
     )
     patience: int = _opt(2, "stop after this many epochs without a better validation metric")
     average_top: int = _opt(
@@ -145,6 +146,24 @@ class TrainConfig:
         "keep the word vectors frozen for this many epochs, then fine-tune them "
         "(0: trainable from the start; -1: frozen throughout)",
     )
+    crop_fraction: float = _opt(
+        0.0,
+        "each epoch, also train on this many sentence crops per training review (1 to 3 "
+        "consecutive sentences of it, with its label), so the model learns to read short "
+        "inputs (0: whole reviews only)",
+    )
+    crop_weight: float = _opt(1.0, "loss weight of a crop relative to a whole review")
+    adv_epsilon: float = _opt(
+        0.0,
+        "adversarial training (Miyato et al., 2017): also fit each batch with its word vectors "
+        "moved by this L2 norm per review, in units of the vectors' standard deviation, along "
+        "the loss gradient (0: off; costs a second forward and backward pass)",
+    )
+    max_minutes: float | None = _opt(
+        None,
+        "stop after the first epoch that ends this many minutes into training; the chosen "
+        "weights are exported as usual (for sweeps on a machine lent for a fixed time)",
+    )
     train_limit: int | None = _opt(
         None, "train on a random subset of this many reviews (quick runs)"
     )
@@ -161,6 +180,8 @@ class TrainConfig:
             raise ConfigError("patience and average_top must be at least 1")
         if self.head_len is not None and not 0 <= self.head_len <= self.max_len:
             raise ConfigError(f"head_len must be in [0, max_len], got {self.head_len}")
+        if self.crop_fraction < 0 or self.crop_weight <= 0 or self.adv_epsilon < 0:
+            raise ConfigError("crop_fraction and adv_epsilon must be >= 0, crop_weight > 0")
         if self.freeze_embeddings_epochs < -1:
             raise ConfigError("freeze_embeddings_epochs must be -1 or more")
         if not self.name or "/" in self.name or self.name.startswith("."):

@@ -170,3 +170,27 @@ def stratified_split(
         val_idx.append(members[:n_val])
         train_idx.append(members[n_val:])
     return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def load_sentences(path: Path) -> ReviewSet:
+    """A labelled sentence file: one ``text<TAB>label`` per line, label 0 (negative) or 1
+    (positive), UTF-8 (the layout of UCI's Sentiment Labelled Sentences, e.g.
+    imdb_labelled.txt). Blank lines are skipped; any other malformed line is refused by number."""
+    try:
+        # Split on newlines only: str.splitlines also breaks at U+0085 and U+2028, which occur
+        # inside sentences (imdb_labelled.txt line 179: "The script is\x85was there a script?").
+        lines = path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read sentence file {path}: {exc}") from exc
+    texts, labels = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        text, _, label = line.rpartition("\t")
+        if not text.strip() or label.strip() not in ("0", "1"):
+            raise DataError(f"{path}:{number}: expected 'sentence<TAB>0|1', got {line[:60]!r}")
+        texts.append(text.strip())
+        labels.append(int(label))
+    if len(set(labels)) < 2:
+        raise DataError(f"{path} needs sentences of both labels, found {len(texts)} lines")
+    return ReviewSet(texts, np.array(labels, dtype=np.int64))

@@ -1,4 +1,5 @@
-"""`evaluate`: re-score an exported bundle on the official test set from the bundle alone."""
+"""`evaluate`: re-score an exported bundle on the official test set (and, given one, a labelled
+sentence file) from the bundle alone."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from service import bundle
 from training.batches import predict_logits
-from training.data import load_imdb
+from training.data import ReviewSet, load_imdb, load_sentences
 from training.errors import DataError
 from training.metrics import classification_metrics
 from training.tokenizer import encode
@@ -23,17 +24,32 @@ def evaluate_bundle(
     data_sha256: str | None = None,
     batch_size: int = 256,
     dtype: bundle.Dtype = "float32",
-) -> tuple[dict[str, Any], bundle.Card]:
-    """Test-set metrics of the bundle, and its card. The bundle is read through the contract
-    the service reads it with, and scored through its tokenizer and TorchScript file; nothing
-    from the training run or its cache is read."""
+    sentences: Path | None = None,
+) -> tuple[dict[str, dict[str, Any]], bundle.Card]:
+    """Metrics of the bundle per set (``test``, and ``sentences`` when a sentence file is
+    given), and its card. The bundle is read through the contract the service reads it with,
+    and scored through its tokenizer and TorchScript file; nothing from the training run or its
+    cache is read."""
     try:
         loaded = bundle.load(folder, device, dtype)
     except bundle.BundleError as exc:
         raise DataError(str(exc)) from exc
-    test = load_imdb(data, cache_dir, data_sha256)["test"]
-    ids = encode(loaded.tokenizer, test.texts)
-    truncation = loaded.card.truncation
-    logits = predict_logits(loaded.model, ids, truncation, batch_size, device, "evaluate")
-    metrics = classification_metrics(test.labels, logits, loaded.card.calibration.temperature)
+    sets = {"test": load_imdb(data, cache_dir, data_sha256)["test"]}
+    if sentences is not None:
+        sets["sentences"] = load_sentences(sentences)
+    metrics = {
+        name: score_texts(loaded, reviews, batch_size, name) for name, reviews in sets.items()
+    }
     return metrics, loaded.card
+
+
+def score_texts(
+    loaded: bundle.Bundle, reviews: ReviewSet, batch_size: int, desc: str
+) -> dict[str, Any]:
+    """Calibrated metrics of a loaded bundle on raw texts, tokenised and cut as the service
+    does."""
+    ids = encode(loaded.tokenizer, reviews.texts)
+    logits = predict_logits(
+        loaded.model, ids, loaded.card.truncation, batch_size, loaded.device, desc
+    )
+    return classification_metrics(reviews.labels, logits, loaded.card.calibration.temperature)

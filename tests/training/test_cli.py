@@ -69,7 +69,7 @@ def test_bundle_has_the_three_files_and_a_complete_card(trained_bundle: Path):
     assert card["architecture"]["cell"] == "gru"
     assert card["architecture"]["embed_dim"] == 8
     assert card["vectors"]["words_with_vectors"] > 0
-    assert set(card["metrics"]) == {"validation", "test"}
+    assert set(card["metrics"]) == {"validation", "validation_short", "test"}
     assert card["command"].startswith("python -m training train ")
     epochs = [row for row in card["training"]["history"] if "epoch" in row]
     assert len(epochs) == card["hyperparameters"]["epochs"] == 8
@@ -245,6 +245,56 @@ def test_prepare_writes_a_folder_train_can_use_elsewhere(
         == 0
     )
     assert (tmp_path / "models" / "moved" / "model.pt").is_file()
+
+
+def test_short_text_training_reports_sentences_and_evaluate_reproduces_them(
+    imdb_tarball: Path, glove_file: Path, tmp_path: Path
+):
+    """Crops, adversarial steps and selection on both validation splits train and export; the
+    card holds the short-text validation and sentence-file accuracies, and `evaluate
+    --sentences` reproduces the sentence figure from the bundle alone. If this fails, the
+    recipe of the shipped model (docs/model.md) no longer runs or its card lies."""
+    sentences = tmp_path / "sentences.txt"
+    sentences.write_text(
+        "A wonderful, superb film.\t1\nDull and awful.\t0\nBrilliant acting!\t1\n"
+        "A terrible waste.\t0\n",
+        encoding="utf-8",
+    )
+    argv = [
+        "train",
+        *prepare_args(imdb_tarball, glove_file, tmp_path / "cache"),
+        *TINY_MODEL,
+        *TINY_TRAIN,
+        "--epochs",
+        "2",
+        "--crop-fraction",
+        "1.0",
+        "--crop-weight",
+        "0.5",
+        "--adv-epsilon",
+        "5",
+        "--select-on",
+        "both",
+        "--sentences",
+        str(sentences),
+        "--name",
+        "short",
+        "--models-dir",
+        str(tmp_path / "models"),
+    ]
+    assert main(argv) == 0
+    folder = tmp_path / "models" / "short"
+    card = json.loads((folder / "card.json").read_text())
+    assert set(card["metrics"]) == {"validation", "validation_short", "test", "sentences"}
+    assert card["metrics"]["sentences"]["n"] == 4
+    assert card["hyperparameters"]["crop_fraction"] == 1.0
+    assert card["hyperparameters"]["adv_epsilon"] == 5
+    assert all("short_accuracy" in row for row in card["training"]["history"])
+    evaluate = ["evaluate", str(folder), "--data", str(imdb_tarball), "--cache-dir"]
+    assert main([*evaluate, str(tmp_path), "--sentences", str(sentences), "--tolerance", "0"]) == 0
+    card["metrics"]["sentences"]["accuracy"] += 0.25  # a card that overstates it is caught
+    (folder / "card.json").write_text(json.dumps(card))
+    assert main([*evaluate, str(tmp_path), "--sentences", str(sentences)]) == 1
 
 
 def test_training_is_deterministic_on_cpu(imdb_tarball: Path, glove_file: Path, tmp_path: Path):
