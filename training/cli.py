@@ -168,7 +168,6 @@ def cmd_prepare(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     # Imported here so that `--help` and `prepare` do not pay for torch's import.
-
     from service.bundle import CARD_FILE, MODEL_FILE
     from training.config import to_jsonable
     from training.data import load_sentences
