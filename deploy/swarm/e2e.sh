@@ -14,7 +14,10 @@ cd "$(dirname "$0")"
 STACK=${STACK:-sentiment}
 REPLICAS=${REPLICAS:-3}
 CLIENTS=${CLIENTS:-16}
-NEW_VERSION=1.0.1-rollout
+# The shipped model's version, and the one the rollout brings (the same weights, relabelled).
+OLD_VERSION=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["version"])' \
+  ../../models/imdb-bigru/card.json)
+NEW_VERSION="$OLD_VERSION-rollout"
 log() { printf '[swarm %(%H:%M:%S)T] %s\n' -1 "$*"; }
 fail() { log "FAILED: $*"; exit 1; }
 
@@ -81,15 +84,15 @@ started=$(date +%s)
 docker service update --quiet --image imdb-sentiment:v2 "${STACK}_api" >/dev/null
 log "rolling update to $NEW_VERSION done in $(($(date +%s) - started)) s"
 wait "$load"
-python3 - "$NEW_VERSION" /tmp/swarm-rollout.json <<'PY'
+python3 - "$OLD_VERSION" "$NEW_VERSION" /tmp/swarm-rollout.json <<'PY'
 import json, sys
-new, result = sys.argv[1], json.load(open(sys.argv[2]))
+old, new, result = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
 print("rollout:", json.dumps({k: v for k, v in result.items() if k != "versions_by_second"}))
 seconds = sorted(result["versions_by_second"].items(), key=lambda kv: int(kv[0]))
 assert result["sent"] == result["answered"], "requests lost"
 assert set(result["statuses"]) == {"200"} and not result["errors"], result
 first, last = seconds[0][1], seconds[-1][1]
-assert set(first) == {"1.0.0"} and set(last) == {new}, (first, last)
+assert set(first) == {old} and set(last) == {new}, (first, last)
 print(f"rollout: {result['sent']} sent, {result['answered']} answered, all 200; "
       f"version {'/'.join(first)} at second 0 -> {'/'.join(last)} at second {seconds[-1][0]}")
 PY
