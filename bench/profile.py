@@ -4,17 +4,19 @@ stack is put in one stage of the request's path.
 
     python -m bench.profile --out docs/benchmarks/profile      # 4, 16 and 64 clients
 
-Two recordings per load, one after the other: every running thread (where the CPU goes, up to
-2 cores' worth here) and only the thread holding the GIL (``--gil``: how busy the one
-interpreter lock is, which caps everything in Python however many cores there are). Idle
-threads are not sampled. Needs ``py-spy`` (``pip install py-spy``; on Linux it reads the
-server's memory, so it runs as the server's user with ptrace allowed) and ``wrk``.
+Per load: the load alone (what the sampler costs is then on record), then two recordings:
+every running Python thread (where the CPU goes; torch's own OpenMP workers are not Python
+threads and are not sampled, so "busy" undercounts the model) and only the thread holding the
+GIL (``--gil``: how busy the one interpreter lock is, which caps everything in Python however
+many cores there are). Idle threads are not sampled. Needs ``py-spy`` (``pip install py-spy``;
+it reads the server's memory, so it runs as the server's user with ptrace allowed) and ``wrk``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,9 +75,15 @@ def read_raw(path: Path) -> Counter[str]:
     return stages
 
 
+def py_spy() -> str | None:
+    """py-spy beside this interpreter (a virtual environment's bin/), else on the PATH."""
+    beside = Path(sys.executable).with_name("py-spy")
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
 def record(pid: int, seconds: float, rate: int, gil: bool, native: bool, out: Path) -> None:
     command = [
-        "py-spy",
+        py_spy() or "py-spy",
         "record",
         "--pid",
         str(pid),
@@ -87,11 +95,14 @@ def record(pid: int, seconds: float, rate: int, gil: bool, native: bool, out: Pa
         "raw",
         "--output",
         str(out),
-        "--nonblocking",
     ]
     command += ["--gil"] if gil else []
-    command += ["--native"] if native else []
-    subprocess.run(command, check=True, capture_output=True)
+    # Native frames need the process paused for each sample (py-spy refuses --nonblocking with
+    # them): at 100 samples/s that costs the server a little throughput, reported beside.
+    command += ["--native"] if native else ["--nonblocking"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"py-spy failed: {done.stderr.strip() or done.stdout.strip()}")
 
 
 def _drive(url: str, bodies: Path, clients: int, seconds: float, into: list[LoadResult]) -> None:
@@ -101,7 +112,12 @@ def _drive(url: str, bodies: Path, clients: int, seconds: float, into: list[Load
 def profile_point(
     server: servers.Server, bodies: Path, clients: int, seconds: float, rate: int, native: bool
 ) -> dict[str, Any]:
-    point: dict[str, Any] = {"clients": clients}
+    # The same load unprofiled first: what the sampler costs the server is then on record.
+    alone = run_wrk(server.url, bodies, clients, seconds)
+    point: dict[str, Any] = {
+        "clients": clients,
+        "unprofiled": {"requests_per_s": round(alone.ok_per_s, 1), "p50_ms": round(alone.p(50), 1)},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for kind, gil in (("cpu", False), ("gil", True)):
             raw = Path(tmp) / f"{kind}.txt"
@@ -137,8 +153,14 @@ def table(points: list[dict[str, Any]]) -> str:
         cells = [f"{100 * cpu:.0f}% / {100 * gil:.0f}%" for cpu, gil in shares]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines.append(
-        "| **busy**: cores' worth of CPU / share of time the GIL is held | "
+        "| **busy**: Python threads' CPU in cores (torch's OpenMP workers are not sampled) / "
+        "share of time the GIL is held | "
         + " | ".join(f"{p['cpu']['busy']:.2f} / {100 * p['gil']['busy']:.0f}%" for p in points)
+        + " |"
+    )
+    lines.append(
+        "| requests/s unprofiled | "
+        + " | ".join(f"{p['unprofiled']['requests_per_s']:.0f}" for p in points)
         + " |"
     )
     lines.append(
@@ -161,17 +183,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=default_data_source())
     parser.add_argument("--clients", default="4,16,64")
     parser.add_argument("--seconds", type=float, default=15)
-    parser.add_argument("--rate", type=int, default=100, help="samples per second")
+    parser.add_argument("--rate", type=int, default=50, help="samples per second")
     parser.add_argument(
         "--native",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also unwind native frames (torch, tokenizers)",
+        action="store_true",
+        help="also unwind native frames (torch, tokenizers); py-spy then pauses the server at "
+        "every sample, which on 2 cores cut its throughput by half or more (2026-11-24)",
     )
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench/profile"))
     parser.add_argument("--out", type=Path, default=Path(".cache/bench/profile"))
     args = parser.parse_args(argv)
 
+    if py_spy() is None:
+        print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        return 2
     work = build(args.data, Path(".cache"), args.workdir / "bodies", 2048)
     points = []
     with servers.ours(args.bundle, args.workdir, work.probe()) as server:
