@@ -10,6 +10,14 @@ order, so a slow spell of the machine hits both sides; the verdict is the ratio 
 of requests/s answered 200 under 256 closed-loop wrk clients on real IMDb test reviews.
 ``--ref-env`` gives the earlier side the environment its users ran it with (e.g. the
 ``LD_PRELOAD`` that ``make serve`` set before the service chose its malloc itself).
+
+``--ref .`` compares this checkout with itself, the sides differing only by ``--env`` and
+``--ref-env``: one lever measured alone. ``--clients 4,16,64`` measures each client count in
+turn on each started server (the verdict is then a ratio per count):
+
+    python -m bench.compare --ref . --clients 4,16,64 --seconds 15 \
+        --env SENTIMENT_HTTP=httptools --env SENTIMENT_LOOP=uvloop \
+        --ref-env SENTIMENT_HTTP=h11 --ref-env SENTIMENT_LOOP=asyncio
 """
 
 from __future__ import annotations
@@ -27,11 +35,13 @@ from bench.workload import build
 from training.config import default_data_source
 
 REPO_ROOT = servers.REPO_ROOT
-CLIENTS = 256  # where our throughput peaks (docs/benchmarks.md)
+CLIENTS = "256"  # where our throughput peaks (docs/benchmarks.md)
 
 
 def worktree(ref: str, workdir: Path) -> Path:
-    """A checkout of ``ref`` (created once, reused)."""
+    """A checkout of ``ref`` (created once, reused); ``.`` is this checkout."""
+    if ref == ".":
+        return REPO_ROOT
     sha = subprocess.run(
         ["git", "rev-parse", "--short", ref], cwd=REPO_ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -52,17 +62,27 @@ def saturation(
     bodies: Path,
     probe: bytes,
     args: argparse.Namespace,
+    label: str,
 ) -> dict[str, Any]:
     workdir = args.workdir / "compare" / tree.name
+    points = {}
     with servers.ours(
         tree / "models" / model, workdir, probe, source=tree, extra_env=env, name=tree.name
     ) as server:
         run_wrk(server.url, bodies, 16, args.warmup)  # warm caches and allocators
-        result = run_wrk(server.url, bodies, CLIENTS, args.seconds)
+        for clients in args.clients:
+            result = run_wrk(server.url, bodies, clients, args.seconds)
+            points[clients] = {
+                "requests_per_s": round(result.ok_per_s, 1),
+                "load": result.summary(),
+            }
+            print(
+                f"  {label:<20} {clients:>4} clients {result.ok_per_s:8.1f} requests/s  "
+                f"p99 {result.p(99):7.1f} ms",
+                flush=True,
+            )
         allocator = "jemalloc" if servers.maps_jemalloc(server.pid) else "system"
-    per_s = result.ok_per_s
-    print(f"  {tree.name:<20} {per_s:8.1f} requests/s  ({allocator})", flush=True)
-    return {"requests_per_s": round(per_s, 1), "allocator": allocator, "load": result.summary()}
+    return {"allocator": allocator, "points": points}
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,21 +97,28 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         print(f"round {i + 1}: {' then '.join(order)}", flush=True)
         for name in order:
             tree, env = sides[name]
-            rounds[name].append(saturation(tree, args.model, env, work.single, work.probe(), args))
+            rounds[name].append(
+                saturation(tree, args.model, env, work.single, work.probe(), args, name)
+            )
     medians = {
-        name: statistics.median(r["requests_per_s"] for r in results)
+        name: {
+            clients: statistics.median(r["points"][clients]["requests_per_s"] for r in results)
+            for clients in args.clients
+        }
         for name, results in rounds.items()
     }
     mine, theirs = medians["this checkout"], medians[f"ref {args.ref}"]
+    ratios = {c: round(mine[c] / max(theirs[c], 1e-9), 3) for c in args.clients}
     return {
         "ref": args.ref,
         "env": dict(args.env),
         "ref_env": dict(args.ref_env),
-        "clients": CLIENTS,
+        "clients": args.clients,
         "seconds": args.seconds,
         "rounds": rounds,
         "medians_per_s": medians,
-        "ratio": round(mine / max(theirs, 1e-9), 3),
+        "ratios": ratios,
+        "ratio": ratios[args.clients[-1]],  # at the highest count
     }
 
 
@@ -111,6 +138,12 @@ def main() -> None:
         )
     parser.add_argument("--data", default=default_data_source())
     parser.add_argument("--reviews", type=int, default=2000)
+    parser.add_argument(
+        "--clients",
+        default=CLIENTS,
+        type=lambda text: [int(c) for c in text.split(",")],
+        help="closed-loop wrk clients, comma-separated; each measured in turn",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=5.0)
@@ -118,7 +151,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     result = compare(args)
-    print(json.dumps({k: result[k] for k in ("medians_per_s", "ratio")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("medians_per_s", "ratios")}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -58,6 +58,8 @@ def main() -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(longest_deadline_s) + 5,
         timeout_keep_alive=settings.keep_alive_s,
+        http=settings.http,
+        loop=settings.loop,
     )
     return 0
 

@@ -90,6 +90,14 @@ class Settings(BaseSettings):
         "with a warning; system: the C library's malloc",
     )
     warmup: bool = Field(True, description="run the model on a few batch shapes before serving")
+    http: Literal["auto", "h11", "httptools"] = Field(
+        "auto",
+        description="uvicorn's HTTP parser: auto takes httptools (C) where it is installed, "
+        "else h11 (pure Python)",
+    )
+    loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="event loop: auto takes uvloop where it is installed, else asyncio"
+    )
     keep_alive_s: int = Field(
         5,
         ge=1,

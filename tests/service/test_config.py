@@ -25,3 +25,14 @@ def test_environment_variables_are_read_and_validated(monkeypatch: pytest.Monkey
     monkeypatch.setenv("SENTIMENT_MAX_WAIT_MS", "-1")
     with pytest.raises(ValidationError, match="max_wait_ms"):
         Settings()
+
+
+@pytest.mark.parametrize(("name", "value"), [("HTTP", "http2"), ("LOOP", "trio")])
+def test_server_engine_choices_are_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+):
+    """If this fails, a typo in SENTIMENT_HTTP/SENTIMENT_LOOP reaches uvicorn at start-up as
+    an import error instead of a settings error naming the variable."""
+    monkeypatch.setenv(f"SENTIMENT_{name}", value)
+    with pytest.raises(ValidationError, match=name.lower()):
+        Settings()
