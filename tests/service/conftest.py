@@ -21,6 +21,8 @@ from service.app import create_app
 from service.config import Settings
 from training.tokenizer import train_tokenizer
 
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "imdb-bigru"
+
 
 class RunningServer:
     def __init__(self, server: uvicorn.Server, thread: threading.Thread, settings: Settings):
@@ -116,4 +118,11 @@ def service_process(bundle: Path, **env: str) -> Iterator[tuple[subprocess.Popen
 @pytest.fixture(scope="module")
 def server(trained_bundle: Path) -> Iterator[RunningServer]:
     with serve(trained_bundle) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Iterator[RunningServer]:
+    """The shipped model served in-process (small batches: these tests send a few texts)."""
+    with serve(SHIPPED, max_batch_size=8) as running:
         yield running

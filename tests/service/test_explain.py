@@ -4,7 +4,6 @@ the tiny exported bundle (truncation, limits, errors, metrics)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,15 +14,8 @@ from service.schemas import ExplainResponse
 from tests.service.conftest import RunningServer, serve
 from tests.service.test_app import metric
 
-SHIPPED = Path(__file__).resolve().parents[2] / "models" / "imdb-bigru"
 EXAMPLE = "The acting was wonderful but the plot was dull."
 explanations = TypeAdapter(ExplainResponse)
-
-
-@pytest.fixture(scope="module")
-def shipped() -> Iterator[RunningServer]:
-    with serve(SHIPPED, max_batch_size=8) as running:
-        yield running
 
 
 def test_the_shipped_model_explains_the_example(shipped: RunningServer):

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import RunningServer, serve
+from tests.service.conftest import SHIPPED, RunningServer, serve
 from tests.service.test_app import metric
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -29,7 +29,6 @@ from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-SHIPPED = Path(__file__).resolve().parents[2] / "models" / "imdb-bigru"
 EXAMPLE = "The acting was wonderful but the plot was dull."
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -50,12 +49,6 @@ def browser() -> Iterator[WebDriver]:
         yield driver
     finally:
         driver.quit()
-
-
-@pytest.fixture(scope="module")
-def shipped() -> Iterator[RunningServer]:
-    with serve(SHIPPED, max_batch_size=8) as running:
-        yield running
 
 
 def submit(browser: WebDriver, url: str, text: str, truncate: bool = False) -> None:

@@ -12,15 +12,10 @@ makes them fail until the mark is removed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
 import pytest
 
-from tests.service.conftest import RunningServer, serve
-
-SHIPPED = Path(__file__).resolve().parents[2] / "models" / "imdb-bigru"
+from tests.service.conftest import RunningServer
 
 # (text, label, read right by the shipped model)
 PHRASES = [
@@ -42,12 +37,6 @@ PHRASES = [
     ("I did not enjoy this movie.", "NEGATIVE", True),
 ]
 MISSED = pytest.mark.xfail(strict=True, reason="read the wrong way by model 2.0.0: docs/model.md")
-
-
-@pytest.fixture(scope="module")
-def shipped() -> Iterator[RunningServer]:
-    with serve(SHIPPED, max_batch_size=16) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
