@@ -18,21 +18,19 @@ import os
 import platform
 import subprocess
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from service import bundle
 from service.runtime import ModelRuntime
 from training.batches import pad_batch, predict_logits
 from training.config import default_data_source
 from training.data import load_imdb
-from training.model import SentimentRNN
+from training.quantize import eager, quantize
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -116,12 +114,6 @@ def thread_lever(
     return rows
 
 
-def eager_model(runtime: ModelRuntime) -> SentimentRNN:
-    """The bundle's network as an eager module (quantisation works on eager modules only)."""
-    architecture = runtime.card.architecture.model_dump()
-    return SentimentRNN.from_card(architecture, runtime.model.state_dict())
-
-
 def int8_lever(
     runtime: ModelRuntime,
     seqs: list[np.ndarray],
@@ -129,22 +121,19 @@ def int8_lever(
     batch_sizes: list[int],
     min_seconds: float,
 ) -> dict[str, Any]:
-    """Dynamic int8 quantisation of the recurrent and linear layers, scripted like the export:
-    speed next to the float32 TorchScript file and accuracy on the same reviews."""
-    with warnings.catch_warnings():  # torch.ao quantisation is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(
-            eager_model(runtime), {nn.GRU, nn.LSTM, nn.Linear}, dtype=torch.qint8
-        )
-    scripted: Model = torch.jit.script(quantized)
+    """Dynamic int8 quantisation of the recurrent and linear layers, as `python -m training
+    quantize` makes it: speed next to the float32 TorchScript file and accuracy on the same
+    reviews."""
+    float32: Model = runtime.differentiable  # model.pt, whatever precision the runtime serves
+    scripted: Model = quantize(eager(runtime.bundle))
     cpu = torch.device("cpu")
     accuracy = {}
-    for name, model in (("float32", runtime.model), ("int8", scripted)):
+    for name, model in (("float32", float32), ("int8", scripted)):
         logits = predict_logits(model, seqs, runtime.truncation, 256, cpu, name)
         accuracy[name] = float(((logits >= 0) == labels).mean())
     rows = []
     for batch_size in batch_sizes:
-        for name, model in (("float32", runtime.model), ("int8", scripted)):
+        for name, model in (("float32", float32), ("int8", scripted)):
             rate = throughput(runtime, seqs, batch_size, min_seconds, model, cpu)
             rows.append({"model": name, "batch_size": batch_size, "reviews_per_s": round(rate, 1)})
             print(f"  {name:<7} batch {batch_size:>4}  {rate:9.1f} reviews/s")
@@ -187,7 +176,12 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=5.0, help="timing per measurement")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", choices=tuple(bundle.DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *bundle.PRECISIONS),
+        default="float32",
+        help="as SENTIMENT_DTYPE",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -203,7 +197,7 @@ def main() -> None:
         "bundle": str(args.bundle),
         "device": str(runtime.device),
         "gpu": torch.cuda.get_device_name(runtime.device) if on_gpu else None,
-        "dtype": args.dtype,
+        "dtype": runtime.precision,
         "reviews": args.reviews,
         "tokens_mean": round(float(lengths.mean()), 1),
         "tokens_p50_p90_max": [int(np.percentile(lengths, p)) for p in (50, 90, 100)],

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import torch
 
-from service.bundle import CARD_FILE, MODEL_FILE, TOKENIZER_FILE
+from service.bundle import CARD_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(__file__).with_name("peers")
@@ -249,6 +249,8 @@ def torchserve(
         f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {max_batch_size}\n"
         f"maxBatchDelay: {wait_ms}\nresponseTimeout: 120\n"
     )
+    # The archive's folder is the bundle again: the int8 variant travels with it, if made.
+    extras = [f for f in (TOKENIZER_FILE, CARD_FILE, INT8_FILE) if (bundle / f).is_file()]
     subprocess.run(
         [
             str(bin_dir / "torch-model-archiver"),
@@ -256,7 +258,7 @@ def torchserve(
             "--version=1.0",
             f"--serialized-file={bundle / MODEL_FILE}",
             f"--handler={PEERS / 'torchserve_handler.py'}",
-            f"--extra-files={bundle / TOKENIZER_FILE},{bundle / CARD_FILE}",
+            "--extra-files=" + ",".join(str(bundle / f) for f in extras),
             f"--config-file={workdir / 'model-config.yaml'}",
             f"--export-path={store}",
             "--force",

@@ -5,6 +5,7 @@ and the limit run there, and the CPU levers (torch threads, int8) are left out."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import torch
 from bench import limit, report, servers
 from bench.loadgen import LoadResult, run_wrk
 from bench.workload import Workload, build
-from service.bundle import Dtype
+from service.bundle import PrecisionChoice
 from service.runtime import ModelRuntime
 
 
@@ -72,7 +73,7 @@ class Options:
     peer_max_wait_ms: float = 2.0  # their batch timeout; ours runs with its own default
     command: str = ""
     device: str = "cpu"  # where every server and the in-process limit run
-    dtype: Dtype = "float32"
+    dtype: PrecisionChoice = "auto"  # resolved at the start of a sitting
 
     def ours_env(self) -> dict[str, str]:
         env = {"SENTIMENT_DEVICE": self.device, "SENTIMENT_DTYPE": self.dtype}
@@ -189,6 +190,8 @@ def run(options: Options) -> dict[str, Any]:
         texts_per_request=plan.texts_per_request,
     )
     runtime = ModelRuntime.load(options.bundle, options.device, options.dtype)
+    # Every server is told the precision this resolved to, so all serve the same artefact.
+    options = dataclasses.replace(options, dtype=runtime.precision)
     seqs = [e.ids for e in runtime.preprocess(work.reviews)]
     lengths = np.array([len(s) for s in seqs])
     results["workload"] = {
@@ -199,7 +202,7 @@ def run(options: Options) -> dict[str, Any]:
         "parameters": runtime.card.parameters,
     }
 
-    results["device"] = {"device": str(runtime.device), "dtype": options.dtype}
+    results["device"] = {"device": str(runtime.device), "dtype": runtime.precision}
     if runtime.device.type == "cuda":
         results["device"]["gpu"] = torch.cuda.get_device_name(runtime.device)
 

@@ -15,6 +15,13 @@ reads it (the service, `training evaluate`, the benchmark and the peer servers i
 - ``card.json``: ``Card`` below, validated on write and on read: what the model is, how it
   was made, how well it does, its calibration and its truncation rule.
 
+and may hold a fourth, written by ``python -m training quantize`` after training:
+
+- ``model.int8.pt``: the same network with its GRU and linear weights quantised to int8
+  (dynamic quantisation), the same entry points, CPU only; the card's ``int8`` section
+  (``Int8Variant``) has its own test metrics and the SHA-256 of the ``model.pt`` it was made
+  from, so a retrained ``model.pt`` never runs beside a stale variant.
+
 Like nanoGPT's checkpoint, a bundle carries what is needed to use it; like TEI's ``core``
 crate, this module is the one place where writer and readers agree. `training` writes bundles
 through ``save`` and imports nothing else from `service`; readers go through ``load``.
@@ -22,6 +29,7 @@ through ``save`` and imports nothing else from `service`; readers go through ``l
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -38,6 +46,7 @@ from tokenizers import Tokenizer
 MODEL_FILE = "model.pt"
 TOKENIZER_FILE = "tokenizer.json"
 CARD_FILE = "card.json"
+INT8_FILE = "model.int8.pt"
 FILES = (MODEL_FILE, TOKENIZER_FILE, CARD_FILE)
 # 2: truncation moved from tokenizer.json to the card (head + tail).
 # 3: model.pt exports embed and forward_embedded; the card is validated (Card).
@@ -49,6 +58,11 @@ LABELS = ("NEGATIVE", "POSITIVE")  # the logit is POSITIVE's
 # precision is meant for CUDA (tensor cores); a CPU runs it, but slower than float32.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Dtype = Literal["float32", "float16", "bfloat16"]
+# What a bundle can be served as: a cast of model.pt, or the int8 variant (CPU only). ``auto``
+# is the int8 variant on a CPU when the bundle has one, else float32.
+Precision = Literal["float32", "float16", "bfloat16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "float16", "bfloat16", "int8")
+PrecisionChoice = Literal["auto", "float32", "float16", "bfloat16", "int8"]
 
 
 class BundleError(Exception):
@@ -150,6 +164,24 @@ class ExportCheck(BaseModel):
     )
 
 
+class Int8Variant(BaseModel):
+    """``model.int8.pt``: ``model.pt``'s network with the GRU and linear weights stored as int8
+    and the activations quantised per batch at run time (torch's dynamic quantisation). Its
+    kernels are CPU ones (FBGEMM on x86, QNNPACK on ARM), and a quantised GRU has no gradient:
+    explanations of an int8 service take their gradients from ``model.pt``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    source_sha256: str = Field(description="SHA-256 of the model.pt it was made from")
+    metrics: dict[str, SplitMetrics] = Field(description="its own, as the card's metrics")
+    max_abs_diff: float = Field(
+        ge=0, description="largest logit difference from model.pt on the check batch"
+    )
+    torch_version: str
+    created_at: str
+
+
 class ModelSummary(BaseModel):
     """What a client of the service may see of the card (``GET /info``): the training run's
     paths, command and history stay out."""
@@ -166,6 +198,7 @@ class ModelSummary(BaseModel):
     metrics: dict[str, SplitMetrics]
     architecture: Architecture
     parameters: int = Field(ge=1)
+    int8: Int8Variant | None = Field(None, description="the int8 CPU variant, if it was made")
 
 
 class Card(ModelSummary):
@@ -189,10 +222,19 @@ class Card(ModelSummary):
 class Bundle:
     folder: Path
     card: Card
-    model: torch.jit.ScriptModule
+    model: torch.jit.ScriptModule  # the one that serves: model.pt (cast) or model.int8.pt
     tokenizer: Tokenizer
     device: torch.device
-    dtype: torch.dtype
+    precision: Precision
+    # The one gradients are taken through (explanations): ``model`` itself, except for int8.
+    differentiable: torch.jit.ScriptModule
+
+    @property
+    def metrics(self) -> dict[str, SplitMetrics]:
+        """The card's figures for the model that serves."""
+        if self.precision == "int8" and self.card.int8 is not None:
+            return self.card.int8.metrics
+        return self.card.metrics
 
 
 def read_card(folder: Path) -> Card:
@@ -218,10 +260,15 @@ def read_card(folder: Path) -> Card:
         raise BundleError(f"{path} is not a valid card: {problems}") from None
 
 
-def load(folder: Path, device: str | torch.device = "auto", dtype: Dtype = "float32") -> Bundle:
+def load(
+    folder: Path,
+    device: str | torch.device = "auto",
+    precision: PrecisionChoice = "float32",
+) -> Bundle:
     """Load and check a bundle; every way it can be unusable is one ``BundleError``. With a
-    half ``dtype`` the weights are cast after the checks (the entry points take the same ids
-    and lengths; their outputs come in that dtype)."""
+    half ``precision`` the weights are cast after the checks (the entry points take the same
+    ids and lengths; their outputs come in that dtype). ``int8`` serves ``model.int8.pt`` on a
+    CPU and keeps ``model.pt`` for gradients; ``auto`` is int8 where it can be, else float32."""
     if not folder.is_dir():
         raise BundleError(f"model bundle not found: {folder} is not a folder")
     missing = [f for f in FILES if not (folder / f).is_file()]
@@ -243,6 +290,11 @@ def load(folder: Path, device: str | torch.device = "auto", dtype: Dtype = "floa
         torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     except ValueError as exc:
         raise BundleError(str(exc)) from exc
+    if precision == "int8" and torch_device.type != "cpu":
+        raise BundleError(
+            f"int8 is a CPU-only variant (torch has no CUDA kernels for dynamically quantised "
+            f"GRUs); on {torch_device} serve float32 or float16"
+        )
     try:
         model = torch.jit.load(str(folder / MODEL_FILE), map_location=torch_device).eval()
     except Exception as exc:  # torch raises RuntimeError or worse on a damaged archive
@@ -263,10 +315,44 @@ def load(folder: Path, device: str | torch.device = "auto", dtype: Dtype = "floa
             f"{folder}: the tokenizer has {tokenizer.get_vocab_size()} words but the model's "
             f"embedding table has {rows} rows; {TOKENIZER_FILE} and {MODEL_FILE} do not match"
         )
-    torch_dtype = DTYPES[dtype]
-    if torch_dtype != torch.float32:
-        model = model.to(dtype=torch_dtype)
-    return Bundle(folder, card, model, tokenizer, torch_device, torch_dtype)
+    if precision == "auto":
+        precision = "int8" if torch_device.type == "cpu" and card.int8 is not None else "float32"
+    if precision == "int8":
+        served = _load_int8(folder, card, torch_device)
+        return Bundle(folder, card, served, tokenizer, torch_device, precision, model)
+    if precision != "float32":
+        model = model.to(dtype=DTYPES[precision])
+    return Bundle(folder, card, model, tokenizer, torch_device, precision, model)
+
+
+def _load_int8(folder: Path, card: Card, device: torch.device) -> torch.jit.ScriptModule:
+    path = folder / INT8_FILE
+    if card.int8 is None or not path.is_file():
+        raise BundleError(
+            f"{folder} has no int8 variant (card section int8 and {INT8_FILE}); make one with "
+            f"`python -m training quantize {folder}`"
+        )
+    if sha256(folder / MODEL_FILE) != card.int8.source_sha256:
+        raise BundleError(
+            f"{path} was made from another {MODEL_FILE} than the one in {folder}; make it "
+            f"again with `python -m training quantize {folder}`"
+        )
+    try:
+        model = torch.jit.load(str(path), map_location=device).eval()
+    except Exception as exc:
+        raise BundleError(f"{path} is not a loadable TorchScript file: {exc}") from exc
+    absent = [name for name in ENTRY_POINTS if not hasattr(model, name)]
+    if absent:
+        raise BundleError(f"{path} lacks the entry points {', '.join(absent)}")
+    return model
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save(folder: Path, model: torch.jit.ScriptModule, tokenizer: Tokenizer, card: Card) -> Path:
@@ -282,6 +368,25 @@ def save(folder: Path, model: torch.jit.ScriptModule, tokenizer: Tokenizer, card
     (partial / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
     load(partial, "cpu")
     shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return folder
+
+
+def save_int8(folder: Path, model: torch.jit.ScriptModule, variant: Int8Variant) -> Path:
+    """Add ``model`` as the int8 variant of the bundle in ``folder``: its other files are copied
+    as they are, the card gains ``variant``, and the result must load as int8 before it
+    replaces the folder (as ``save`` does)."""
+    card = read_card(folder)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in FILES:
+        shutil.copy2(folder / name, partial / name)
+    model.save(str(partial / INT8_FILE))
+    card = card.model_copy(update={"int8": variant})
+    (partial / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    load(partial, "cpu", "int8")
+    shutil.rmtree(folder)
     partial.rename(folder)
     return folder
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.bundle import Dtype, resolve_device
+from service.bundle import PrecisionChoice, resolve_device
 
 ADMIN_RELOAD = "/admin/reload"
 # Lists come from the environment as comma-separated text: SENTIMENT_CORS_ORIGINS=a,b
@@ -26,10 +26,12 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="auto (CUDA when available), cpu, cuda or cuda:N; checked at start"
     )
-    dtype: Dtype = Field(
-        "float32",
-        description="precision the model runs in: float32, or float16/bfloat16 (meant for CUDA: "
-        "the weights are cast once at load; a CPU runs them slower than float32)",
+    dtype: PrecisionChoice = Field(
+        "auto",
+        description="precision the model runs in: auto (int8 on a CPU where the bundle has an "
+        "int8 variant, else float32), float32, int8 (the bundle's model.int8.pt; CPU only), or "
+        "float16/bfloat16 (meant for CUDA: the weights are cast once at load; a CPU runs them "
+        "slower than float32)",
     )
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
@@ -130,6 +132,15 @@ class Settings(BaseSettings):
     def _known_device(cls, value: str) -> str:
         resolve_device(value)  # a ValueError names what is wrong
         return value
+
+    @model_validator(mode="after")
+    def _int8_on_cpu(self) -> Settings:
+        if self.dtype == "int8" and resolve_device(self.device).type != "cpu":
+            raise ValueError(
+                f"dtype int8 is CPU only, but device {self.device!r} is CUDA: use float32 or "
+                "float16 there (or auto)"
+            )
+        return self
 
     @field_validator("api_keys", "auth_exempt_paths", "cors_origins", mode="before")
     @classmethod

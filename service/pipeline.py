@@ -242,9 +242,12 @@ class Predictor:
         self.metrics.tokenization_duration.observe(tokenization_s)
         self._check_lengths(runtime, [p.encoded for p in prepared], truncate)
 
-        # Segments are predictions like any other (all or none admitted), then one job per text.
-        segment_ids = [s.ids for p in prepared for s in p.segments]
-        scored = self.batcher.submit(segment_ids, deadline, runtime.infer)
+        # The texts and their segments are predictions like any other (all or none admitted),
+        # then one job per text. Each text's label and score are /predict's, from the served
+        # model; the attributions may come from model.pt (an int8 service: see runtime).
+        scored_ids = [p.encoded.ids for p in prepared]
+        scored_ids += [s.ids for p in prepared for s in p.segments]
+        scored = self.batcher.submit(scored_ids, deadline, runtime.infer)
         jobs: list[asyncio.Future[JobResult]] = []
         attributions = []
         try:
@@ -262,10 +265,13 @@ class Predictor:
             [*jobs, *scored], deadline, self.settings.explain_timeout_s, disconnected
         )
         timings: list[JobResult] = results[: len(jobs)]
-        segment_logits = iter(r.logit for r in results[len(jobs) :])
+        logits = [r.logit for r in results[len(jobs) :]]
+        text_logits, segment_logits = logits[: len(texts)], iter(logits[len(texts) :])
         explanations = [
-            _explanation(runtime, text, p, job.result(), [next(segment_logits) for _ in p.spans])
-            for text, p, job in zip(texts, prepared, attributions, strict=True)
+            _explanation(
+                runtime, text, p, job.result(), logit, [next(segment_logits) for _ in p.spans]
+            )
+            for text, p, job, logit in zip(texts, prepared, attributions, text_logits, strict=True)
         ]
         return Explanations(
             explanations,
@@ -333,6 +339,7 @@ def _explanation(
     text: str,
     p: _ToExplain,
     attribution: Attribution,
+    logit: float,
     segment_logits: list[float],
 ) -> dict[str, Any]:
     """The answer for one text, as ``schemas.Explanation``."""
@@ -346,7 +353,7 @@ def _explanation(
     else:
         read[: cut.head] = attribution.tokens[: cut.head]
         read[dropped[1] :] = attribution.tokens[cut.head :]
-    label, score = runtime.postprocess(attribution.logit)[0]
+    label, score = runtime.postprocess(logit)[0]
     verdicts = [runtime.postprocess(logit)[0] for logit in segment_logits]
     sentences = [
         {"start": start, "end": end, "label": s_label, "score": s_score}

@@ -35,7 +35,7 @@ class Reloaded:
 def model_labels(runtime: ModelRuntime) -> tuple[str, str, str, str]:
     """The ``model_info`` labels of a runtime: name, version, device, dtype."""
     card = runtime.card
-    return card.name, card.version, str(runtime.device), runtime.dtype_name
+    return card.name, card.version, str(runtime.device), runtime.precision
 
 
 class Reloader:

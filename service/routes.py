@@ -160,7 +160,7 @@ async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
     return InfoResponse(
         model=predictor.runtime.card.summary(),
         device=str(predictor.runtime.device),
-        dtype=predictor.runtime.dtype_name,
+        dtype=predictor.runtime.precision,
         cuda_memory=predictor.runtime.cuda_memory(),
         batching=BatchSettings.model_validate(batching),
         explanations=ExplainSettings.model_validate(explanations),

@@ -86,7 +86,8 @@ class IntegratedGradients:
     def advance(self) -> bool:
         """Run the next chunk; True once the explanation is complete."""
         rt = self.runtime
-        model, device = rt.model, rt.device
+        # The served model, or model.pt where that is int8 (a quantised GRU has no gradient).
+        model, device = rt.differentiable, rt.device
         length = torch.tensor([self._ids.shape[1]], device=device)
         # cuDNN computes an RNN's backward pass only in training mode; its native kernels do
         # it in evaluation mode (dropout off), which is what an explanation needs.
@@ -130,7 +131,8 @@ class ModelRuntime:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        self.dtype = loaded.dtype
+        self.differentiable = loaded.differentiable
+        self.precision = loaded.precision
         # On CUDA a batch goes to the device from pinned (page-locked) host memory without
         # blocking; the copy of the logits back is the one synchronisation per batch.
         self._pin = loaded.device.type == "cuda"
@@ -140,15 +142,13 @@ class ModelRuntime:
 
     @classmethod
     def load(
-        cls, folder: Path, device: str | torch.device = "auto", dtype: bundle.Dtype = "float32"
+        cls,
+        folder: Path,
+        device: str | torch.device = "auto",
+        precision: bundle.PrecisionChoice = "float32",
     ) -> ModelRuntime:
         """``bundle.load`` (a ``BundleError`` for every way it can be unusable), wrapped."""
-        return cls(bundle.load(folder, device, dtype))
-
-    @property
-    def dtype_name(self) -> str:
-        """``float32``, ``float16`` or ``bfloat16``, as ``SENTIMENT_DTYPE`` names it."""
-        return str(self.dtype).removeprefix("torch.")
+        return cls(bundle.load(folder, device, precision))
 
     # -- preprocess -------------------------------------------------------------------------
     def preprocess(self, texts: list[str]) -> list[Encoded]:

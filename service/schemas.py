@@ -155,7 +155,11 @@ class SegmentScore(BaseModel):
 
 class Completeness(BaseModel):
     attribution_sum: float
-    logit: float = Field(description="the text's POSITIVE logit (before calibration)")
+    logit: float = Field(
+        description="the text's POSITIVE logit (before calibration) by the model explained: the "
+        "served one, or model.pt's float32 weights where the service runs int8 (a quantised GRU "
+        "has no gradient), whose logit can differ a little from /predict's"
+    )
     baseline_logit: float = Field(description="the logit of as many padding embeddings")
     gap: float = Field(description="attribution_sum - (logit - baseline_logit): quadrature error")
 

@@ -4,6 +4,7 @@ tarball, a GloVe-format vectors file, a prepared folder and an exported bundle."
 from __future__ import annotations
 
 import random
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -151,3 +152,19 @@ def trained_bundle(
     ]
     assert main(argv) == 0
     return root / "models" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def quantized_bundle(
+    trained_bundle: Path, imdb_tarball: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A copy of the tiny bundle with the int8 variant the real CLI adds (`quantize`)."""
+    from training.cli import main
+
+    root = tmp_path_factory.mktemp("quantized")
+    folder = shutil.copytree(trained_bundle, root / "tiny")
+    argv = ["quantize", str(folder), "--data", str(imdb_tarball), "--cache-dir", str(root)]
+    # One review of the fixture's few test reviews is worth points: allow a flip or two here
+    # (test_quantize checks that the bound is enforced).
+    assert main([*argv, "--max-drop", "0.1"]) == 0
+    return folder

@@ -23,24 +23,32 @@ def evaluate_bundle(
     device: torch.device,
     data_sha256: str | None = None,
     batch_size: int = 256,
-    dtype: bundle.Dtype = "float32",
+    precision: bundle.Precision = "float32",
     sentences: Path | None = None,
-) -> tuple[dict[str, dict[str, Any]], bundle.Card]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, bundle.SplitMetrics]]:
     """Metrics of the bundle per set (``test``, and ``sentences`` when a sentence file is
-    given), and its card. The bundle is read through the contract the service reads it with,
-    and scored through its tokenizer and TorchScript file; nothing from the training run or its
-    cache is read."""
+    given), and those its card claims for that precision (int8: the variant's own). The
+    bundle is read through the contract the service reads it with, and scored through its
+    tokenizer and TorchScript file; nothing from the training run or its cache is read."""
     try:
-        loaded = bundle.load(folder, device, dtype)
+        loaded = bundle.load(folder, device, precision)
     except bundle.BundleError as exc:
         raise DataError(str(exc)) from exc
-    sets = {"test": load_imdb(data, cache_dir, data_sha256)["test"]}
-    if sentences is not None:
-        sets["sentences"] = load_sentences(sentences)
+    sets = load_sets(data, cache_dir, data_sha256, sentences)
     metrics = {
         name: score_texts(loaded, reviews, batch_size, name) for name, reviews in sets.items()
     }
-    return metrics, loaded.card
+    return metrics, loaded.metrics
+
+
+def load_sets(
+    data: str, cache_dir: Path, data_sha256: str | None, sentences: Path | None
+) -> dict[str, ReviewSet]:
+    """The official test reviews as ``test``, and the sentence file as ``sentences``."""
+    sets = {"test": load_imdb(data, cache_dir, data_sha256)["test"]}
+    if sentences is not None:
+        sets["sentences"] = load_sentences(sentences)
+    return sets
 
 
 def score_texts(

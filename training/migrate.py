@@ -48,7 +48,7 @@ def migrate(folder: Path, log: Callable[[str], object] = print) -> Path:
     model = SentimentRNN.from_card(card["architecture"], old.state_dict())
 
     truncation = bundle.Truncation.model_validate(card["truncation"])
-    check = _check_batch(tokenizer.get_vocab_size(), truncation.max_length)
+    check = check_batch(tokenizer.get_vocab_size(), truncation.max_length)
     ids, lengths = pad_batch(check, truncation)
     with torch.no_grad():
         diff = float((model(ids, lengths) - old(ids, lengths)).abs().max())
@@ -65,7 +65,7 @@ def migrate(folder: Path, log: Callable[[str], object] = print) -> Path:
     return folder
 
 
-def _check_batch(vocab_size: int, max_length: int) -> list[np.ndarray]:
+def check_batch(vocab_size: int, max_length: int) -> list[np.ndarray]:
     """Token sequences of every length from 1 to past ``max_length``: no text is needed to
     compare two networks' arithmetic."""
     rng = np.random.default_rng(0)

@@ -13,6 +13,7 @@ from pydantic import TypeAdapter
 from service.schemas import ExplainResponse
 from tests.service.conftest import RunningServer, serve
 from tests.service.test_app import metric
+from tests.service.test_int8 import INT8_BATCH_TOLERANCE
 
 EXAMPLE = "The acting was wonderful but the plot was dull."
 explanations = TypeAdapter(ExplainResponse)
@@ -37,9 +38,13 @@ def test_the_shipped_model_explains_the_example(shipped: RunningServer):
     completeness = answer.completeness
     difference = completeness.logit - completeness.baseline_logit
     assert abs(completeness.gap) <= 0.02 * abs(difference)
-    # The label and score are /predict's.
+    # The label and score are /predict's (the shipped model serves int8 on a CPU, where a
+    # score moves a little with the batch it runs in).
     predicted = httpx.post(f"{shipped.url}/predict", json={"inputs": EXAMPLE}).json()[0][0]
-    assert (answer.label, answer.score) == (predicted["label"], pytest.approx(predicted["score"]))
+    assert (answer.label, answer.score) == (
+        predicted["label"],
+        pytest.approx(predicted["score"], abs=INT8_BATCH_TOLERANCE),
+    )
     assert float(response.headers["x-inference-time"]) > 0
 
 

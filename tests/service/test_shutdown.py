@@ -107,7 +107,7 @@ def test_an_unusable_bundle_stops_the_service_with_one_clear_line(
         ({"SENTIMENT_MAX_BATCH_SIZE": "0"}, "SENTIMENT_MAX_BATCH_SIZE", "greater than or equal"),
         ({"SENTIMENT_DEVICE": "gpu"}, "SENTIMENT_DEVICE", "unknown device 'gpu'"),
         ({"SENTIMENT_DEVICE": "cuda"}, "SENTIMENT_DEVICE", "CUDA is not available"),
-        ({"SENTIMENT_DTYPE": "float64"}, "SENTIMENT_DTYPE", "'float32', 'float16' or 'bfloat16'"),
+        ({"SENTIMENT_DTYPE": "float64"}, "SENTIMENT_DTYPE", "'bfloat16' or 'int8'"),
         ({"SENTIMENT_TOKENIZATION_WORKERS": "0"}, "SENTIMENT_TOKENIZATION_WORKERS", "greater"),
     ],
     ids=["batch-size", "device-name", "device-absent", "dtype", "tokenization-workers"],
