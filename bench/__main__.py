@@ -1,7 +1,9 @@
 """``python -m bench``: the whole benchmark in one sitting (see ``bench.suite``).
 
     python -m bench --quick                 # < 10 minutes; writes .cache/bench/quick/
-    python -m bench --out docs/benchmarks   # the full run recorded in docs/benchmarks.md
+    python -m bench --out docs/benchmarks   # one full sitting
+    python -m bench --sittings 3 --out DIR  # three in a row; DIR/verdicts.md judges issue 21's
+                                            # targets on their medians
     python -m bench --device cuda --out DIR # a GPU sitting: more clients, batches of 512
 
 Needs ``wrk`` (apt-get install wrk) and, for TorchServe, Java 17. The peers' virtual
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 from bench.loadgen import wrk_available
+from bench.report import write_verdicts
 from bench.suite import FULL, GPU, QUICK, Options, run
 from service import bundle
 from training.config import default_data_source
@@ -40,7 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device", default="cpu", help="cpu, cuda or cuda:N: where every server and the limit run"
     )
-    parser.add_argument("--dtype", choices=tuple(bundle.DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *bundle.PRECISIONS),
+        default="auto",
+        help="as SENTIMENT_DTYPE; every server serves what it resolves to",
+    )
+    parser.add_argument(
+        "--sittings",
+        type=int,
+        default=1,
+        help="sittings in a row (each in OUT/sitting-N/); with more than one, OUT/verdicts.md "
+        "judges the targets on their medians",
+    )
     args = parser.parse_args(argv)
     if not wrk_available():
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -51,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = dataclasses.replace(GPU, reviews=1024, seconds=4, limit_seconds=1)
     kind = ("gpu-" if on_gpu else "") + ("quick" if args.quick else "full")
     out = args.out or args.workdir / kind
+    command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     options = Options(
         bundle=args.bundle,
         data=args.data,
@@ -59,11 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         plan=plan,
         peers=tuple(p for p in args.peers.split(",") if p),
         torch_pip_args=shlex.split(args.torch_pip_args),
-        command="python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        command=command,
         device=args.device,
         dtype=args.dtype,
     )
-    run(options)
+    if args.sittings == 1:
+        run(options)
+        return 0
+    sittings = [
+        run(dataclasses.replace(options, out=out / f"sitting-{n}"))
+        for n in range(1, args.sittings + 1)
+    ]
+    print(f"\ntargets over {args.sittings} sittings (medians):")
+    print(write_verdicts(sittings, out, command))
     return 0
 
 

@@ -280,3 +280,103 @@ def write(results: dict[str, Any], out: Path) -> str:
     )
     (out / "report.md").write_text(text + "\n")
     return table
+
+
+# Issue 21's targets, judged on the medians of several sittings: ours against the best peer at
+# each load (x at least, and a p99 no higher), saturation against the length-sorted in-process
+# limit at the servers' batch size, and a short review's p50 at 1 client.
+PEER_TARGETS = {1: 1.0, 4: 1.3, 16: 1.3, 64: 1.3, 256: 1.0}
+SATURATION_TARGET = 0.8
+SHORT_P50_TARGET_MS = 5.0
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _each(values: list[float], fmt: str = "{:.0f}") -> str:
+    return " / ".join(fmt.format(v) for v in values)
+
+
+def verdicts(sittings: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """Rows of (measure, median value [per sitting], target, verdict) over ``sittings``."""
+    rows = []
+    for clients, target in PEER_TARGETS.items():
+        if not all(any(p in s["servers"] for p in PEERS) for s in sittings):
+            break
+        ours = [_at(s["servers"]["ours"]["single"], clients) for s in sittings]
+        # The best peer at this load, in each sitting: the one answering most.
+        theirs = [
+            max(
+                ((_at(s["servers"][p]["single"], clients), p) for p in PEERS if p in s["servers"]),
+                key=lambda pair: pair[0]["texts_per_s"],
+            )
+            for s in sittings
+        ]
+        ours_rate = _median([p["texts_per_s"] for p in ours])
+        peer_rate = _median([p["texts_per_s"] for p, _ in theirs])
+        ours_p99 = _median([p["p99_ms"] for p in ours])
+        peer_p99 = _median([p["p99_ms"] for p, _ in theirs])
+        ratio = ours_rate / max(peer_rate, 1e-9)
+        rows.append(
+            (
+                f"{clients} clients: ours / best peer (texts/s); p99 ours vs theirs",
+                f"{ours_rate:.0f} / {peer_rate:.0f} = **{ratio:.2f}x**; {ours_p99:.0f} vs "
+                f"{peer_p99:.0f} ms (ours {_each([p['texts_per_s'] for p in ours])}; best peer "
+                + " / ".join(f"{p['texts_per_s']:.0f} {name}" for p, name in theirs)
+                + ")",
+                f">= {target}x at <= p99",
+                _verdict(ratio >= target and ours_p99 <= peer_p99),
+            )
+        )
+    batch = sittings[0]["plan"]["max_batch_size"]
+    saturation = [_best(s["servers"]["ours"]["single"])["texts_per_s"] for s in sittings]
+    limits = [
+        next(
+            r["reviews_per_s"]
+            for r in s["limit"]
+            if r["order"] == "grouped" and r["batch_size"] == batch
+        )
+        for s in sittings
+    ]
+    share = _median(saturation) / _median(limits)
+    rows.append(
+        (
+            f"ours at saturation / in-process limit sorted by length (batch {batch})",
+            f"{_median(saturation):.0f} / {_median(limits):.0f} = **{share:.2f}** "
+            f"(ours {_each(saturation)}; limit {_each(limits)})",
+            f">= {SATURATION_TARGET}",
+            _verdict(share >= SATURATION_TARGET),
+        )
+    )
+    short = [s["servers"]["ours"]["short_c1"]["p50_ms"] for s in sittings]
+    rows.append(
+        (
+            "p50 latency, one short review, 1 client",
+            f"**{_median(short):.1f} ms** ({_each(short, '{:.1f}')})",
+            f"<= {SHORT_P50_TARGET_MS:.0f} ms",
+            _verdict(_median(short) <= SHORT_P50_TARGET_MS),
+        )
+    )
+    return rows
+
+
+def write_verdicts(sittings: list[dict[str, Any]], out: Path, command: str) -> str:
+    """``verdicts.md`` in ``out``: the targets judged on the sittings' medians."""
+    table = markdown_table(
+        ["measure", "median (per sitting)", "target", "verdict"], verdicts(sittings)
+    )
+    dates = ", ".join(s["machine"]["date"] for s in sittings)
+    precision = sittings[0].get("device", {}).get("dtype", "?")
+    text = "\n\n".join(
+        [
+            f"# Targets over {len(sittings)} sittings",
+            f"Command: `{command}`  \nSittings: {dates}; every server served the bundle in "
+            f"{precision}; each sitting's report is in `sitting-N/report.md`.",
+            table,
+        ]
+    )
+    (out / "verdicts.md").write_text(text + "\n")
+    return table
