@@ -32,7 +32,7 @@ from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_respons
 from service.pipeline import Predictor
 from service.reload import Reloader, model_labels
 from service.routes import STATIC_DIR, admin_router, router
-from service.runtime import ModelRuntime
+from service.runtime import ModelRuntime, TorchThreads
 
 log = logging.getLogger("service")
 
@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         model = runtime or ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
+        if model.device.type == "cpu" and settings.small_batch_texts:
+            model.threads = TorchThreads(torch.get_num_threads(), settings.small_batch_texts)
         if settings.warmup:
             await asyncio.to_thread(model.warmup, (1, settings.max_batch_size))
         batcher = DynamicBatcher(

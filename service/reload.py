@@ -52,6 +52,7 @@ class Reloader:
             s = self.settings
             try:
                 new = await asyncio.to_thread(ModelRuntime.load, s.bundle_dir, s.device, s.dtype)
+                new.threads = self.predictor.runtime.threads  # a serving setting, not the model's
                 if s.warmup:
                     await asyncio.to_thread(new.warmup, (1, s.max_batch_size))
             except Exception as exc:  # a BundleError, or a model that fails on its warm-up

@@ -124,6 +124,22 @@ class IntegratedGradients:
         )
 
 
+@dataclass(frozen=True)
+class TorchThreads:
+    """torch's intra-op CPU threads per batch: one for a batch of at most ``small_batch_texts``
+    texts, ``threads`` for a larger one. On a small machine the event loop, tokenising and the
+    model share the cores: a small batch gains little from a second thread (docs/benchmarks.md,
+    "CPU levers") and the thread takes a core the event loop wants."""
+
+    threads: int
+    small_batch_texts: int = 0  # 0: every batch on ``threads``
+
+    def use(self, batch_texts: int) -> None:
+        want = 1 if batch_texts <= self.small_batch_texts else self.threads
+        if torch.get_num_threads() != want:  # set where the model runs: the batcher's thread
+            torch.set_num_threads(want)
+
+
 class ModelRuntime:
     def __init__(self, loaded: bundle.Bundle) -> None:
         self.bundle = loaded
@@ -139,6 +155,7 @@ class ModelRuntime:
         self.truncation = loaded.card.truncation
         self.temperature = loaded.card.calibration.temperature
         self.negative, self.positive = loaded.card.labels
+        self.threads: TorchThreads | None = None  # None: torch's own setting, whatever the batch
 
     @classmethod
     def load(
@@ -175,6 +192,8 @@ class ModelRuntime:
     def infer(self, seqs: list[np.ndarray]) -> np.ndarray:
         """POSITIVE logits for one batch of token-id sequences."""
         ids, lengths = bundle.pad(seqs)
+        if self.threads is not None:
+            self.threads.use(len(seqs))
         if self._pin:
             ids, lengths = ids.pin_memory(), lengths.pin_memory()
         # TorchScript modules reject inference_mode; no_grad is the equivalent here.

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from service.bundle import BundleError
-from service.runtime import ModelRuntime
+from service.runtime import ModelRuntime, TorchThreads
 from tests.service.conftest import corrupt_model_file, oversize_tokenizer
 
 TEXTS = ["A great, moving film.", "Dull and clumsy, a waste.", "naïve Amélie 😀 " * 30]
@@ -45,6 +45,25 @@ def test_batched_inference_equals_one_text_at_a_time(runtime: ModelRuntime):
     with torch.no_grad():
         direct = model(torch.tensor(seqs[0])[None], torch.tensor([len(seqs[0])]))
     np.testing.assert_allclose(batched[0], direct.numpy()[0], rtol=0, atol=1e-6)
+
+
+def test_small_batches_run_on_one_torch_thread_and_larger_ones_on_all(trained_bundle: Path):
+    """If this fails, SENTIMENT_SMALL_BATCH_TEXTS no longer reaches the thread the model runs
+    in, and lone requests contend with the event loop for the cores again."""
+    runtime = ModelRuntime.load(trained_bundle, "cpu")
+    runtime.threads = TorchThreads(threads=3, small_batch_texts=2)
+    seqs = [e.ids for e in runtime.preprocess(TEXTS)]
+    before = torch.get_num_threads()
+    try:
+        expected = runtime.infer(seqs)
+        seen = []
+        for batch in (seqs[:1], seqs[:2], seqs, seqs[:1]):
+            logits = runtime.infer(batch)
+            seen.append(torch.get_num_threads())
+            np.testing.assert_allclose(logits, expected[: len(batch)], rtol=0, atol=1e-6)
+        assert seen == [1, 1, 3, 1]
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_postprocess_applies_the_temperature(runtime: ModelRuntime):
