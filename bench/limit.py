@@ -3,6 +3,7 @@ and the CPU levers measured the same way (threads, length grouping, int8 dynamic
 
     python -m bench.limit models/imdb-bigru --batch-sizes 1,16,64,256
     python -m bench.limit models/imdb-bigru --device cuda --dtype float16 --batch-sizes 1,64,1024
+    python -m bench.limit models/imdb-bigru --dtype int8 --batch-sizes 1,4,16,64 --thread-lever
 
 Reviews keep their real length spread (tokenised and cut by the bundle's own rules). Two orders
 are timed per batch size: ``random`` (batches as requests arrive) and ``grouped`` (reviews
@@ -182,6 +183,11 @@ def main() -> None:
         default="float32",
         help="as SENTIMENT_DTYPE",
     )
+    parser.add_argument(
+        "--thread-lever",
+        action="store_true",
+        help="also time each batch size on 1 torch thread and on all cores (arrival order)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -192,6 +198,9 @@ def main() -> None:
     seqs = [e.ids for e in runtime.preprocess(texts)]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     rows = sweep(runtime, seqs, batch_sizes, args.min_seconds)
+    threads = (
+        thread_lever(runtime, seqs, batch_sizes, args.min_seconds) if args.thread_lever else None
+    )
     lengths = np.array([len(s) for s in seqs])
     result = {
         "bundle": str(args.bundle),
@@ -203,6 +212,7 @@ def main() -> None:
         "tokens_p50_p90_max": [int(np.percentile(lengths, p)) for p in (50, 90, 100)],
         "machine": machine(),
         "results": rows,
+        "threads": threads,
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
