@@ -54,10 +54,9 @@ FORMAT_VERSION = 3
 ENTRY_POINTS = ("forward", "embed", "forward_embedded")
 PAD_ID = 0  # right padding; the embedding row of id 0 is zero
 LABELS = ("NEGATIVE", "POSITIVE")  # the logit is POSITIVE's
-# The precisions a bundle can be served in: its float32 weights, cast once at load. Half
+# The casts of model.pt a bundle can be served in: its float32 weights, cast once at load. Half
 # precision is meant for CUDA (tensor cores); a CPU runs it, but slower than float32.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-Dtype = Literal["float32", "float16", "bfloat16"]
 # What a bundle can be served as: a cast of model.pt, or the int8 variant (CPU only). ``auto``
 # is the int8 variant on a CPU when the bundle has one, else float32.
 Precision = Literal["float32", "float16", "bfloat16", "int8"]

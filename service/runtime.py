@@ -104,6 +104,8 @@ class IntegratedGradients:
             dtype = self._embedded.dtype
             alphas = torch.tensor(self._alphas[take], dtype=dtype, device=device)
             weights = torch.tensor(self._weights[take], dtype=torch.float32, device=device)
+            if rt.threads is not None:  # a chunk is a batch of len(alphas) interpolated texts
+                rt.threads.use(len(alphas))
             with torch.enable_grad():
                 path = (alphas[:, None, None] * self._embedded).requires_grad_(True)
                 out = model.forward_embedded(path, length.expand(len(alphas)))

@@ -101,17 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on a labelled sentence file) using only the bundle's files, and compare with the "
         "metrics its card reports.",
     )
-    evaluate.add_argument("bundle", type=Path, help="bundle folder, e.g. models/imdb-bigru")
-    evaluate.add_argument("--data", default=default_data_source(), help="IMDb source")
-    evaluate.add_argument("--data-sha256", default=None, help="expected SHA-256 of the tarball")
-    evaluate.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="cache folder")
-    evaluate.add_argument(
-        "--sentences",
-        type=Path,
-        default=None,
-        help="also score this labelled sentence file (text<TAB>0|1 per line), e.g. "
-        "../shared/data/imdb_labelled.txt",
-    )
+    _add_scoring_options(evaluate)
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--batch-size", type=int, default=256, help="reviews per batch")
     evaluate.add_argument(
@@ -150,16 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and add it to the bundle with its own figures in the card, if its test accuracy is "
         "within --max-drop of model.pt's. The service serves it on a CPU by default.",
     )
-    quantize.add_argument("bundle", type=Path, help="bundle folder, e.g. models/imdb-bigru")
-    quantize.add_argument("--data", default=default_data_source(), help="IMDb source")
-    quantize.add_argument("--data-sha256", default=None, help="expected SHA-256 of the tarball")
-    quantize.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="cache folder")
-    quantize.add_argument(
-        "--sentences",
-        type=Path,
-        default=None,
-        help="also score this labelled sentence file (text<TAB>0|1 per line)",
-    )
+    _add_scoring_options(quantize)
     quantize.add_argument(
         "--max-drop",
         type=float,
@@ -168,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.set_defaults(handler=cmd_quantize)
     return parser
+
+
+def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """A bundle and the sets it is scored on: `evaluate` and `quantize` alike."""
+    parser.add_argument("bundle", type=Path, help="bundle folder, e.g. models/imdb-bigru")
+    parser.add_argument("--data", default=default_data_source(), help="IMDb source")
+    parser.add_argument("--data-sha256", default=None, help="expected SHA-256 of the tarball")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="cache folder")
+    parser.add_argument(
+        "--sentences",
+        type=Path,
+        default=None,
+        help="also score this labelled sentence file (text<TAB>0|1 per line), e.g. "
+        "../shared/data/imdb_labelled.txt",
+    )
 
 
 def _add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:

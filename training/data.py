@@ -8,7 +8,6 @@ archive or the file system lists them in.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import tarfile
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from service import bundle
 from training.config import OFFICIAL_URL
 from training.errors import DataError
 
@@ -46,14 +46,6 @@ class ReviewSet:
         return ReviewSet([self.texts[i] for i in index], self.labels[index])
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_imdb(source: str, cache_dir: Path, sha256: str | None = None) -> dict[str, ReviewSet]:
     """Read the labelled train and test splits from a tarball, a folder or a URL."""
     if source.startswith(("http://", "https://")):
@@ -76,7 +68,7 @@ def _expected_sha(url: str) -> str | None:
 
 
 def verify_sha256(path: Path, expected: str) -> None:
-    actual = sha256_file(path)
+    actual = bundle.sha256(path)
     if actual != expected.lower():
         raise DataError(f"checksum mismatch for {path}: SHA-256 is {actual}, expected {expected}")
 
@@ -85,7 +77,7 @@ def download(url: str, folder: Path, sha256: str | None) -> Path:
     """Download once into ``folder``; a partial or tampered file never takes the final name."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / url.rstrip("/").rsplit("/", 1)[-1]
-    if target.exists() and (sha256 is None or sha256_file(target) == sha256):
+    if target.exists() and (sha256 is None or bundle.sha256(target) == sha256):
         return target
     partial = target.with_suffix(target.suffix + ".part")
     try:

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from service.bundle import sha256
 from training.config import PrepareConfig, to_jsonable
-from training.data import load_imdb, sha256_file, stratified_split
+from training.data import load_imdb, stratified_split
 from training.errors import DataError
 from training.tokenizer import encode, train_tokenizer, vocabulary
 from training.vectors import embedding_matrix, load_vectors, train_word2vec
@@ -112,7 +113,7 @@ def prepare(cfg: PrepareConfig, log: Any = print) -> Path:
         "config": to_jsonable(cfg),
         "data": {
             "source": cfg.data,
-            "sha256": sha256_file(source) if source.is_file() else None,
+            "sha256": sha256(source) if source.is_file() else None,
             "reviews": {name: len(s) for name, s in splits.items()},
         },
         "vectors": vectors_meta,
