@@ -20,10 +20,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from bench.limit import add_dtype_option
 from bench.loadgen import wrk_available
 from bench.report import write_verdicts
 from bench.suite import FULL, GPU, QUICK, Options, run
-from service import bundle
 from training.config import default_data_source
 
 
@@ -43,12 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device", default="cpu", help="cpu, cuda or cuda:N: where every server and the limit run"
     )
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", *bundle.PRECISIONS),
-        default="auto",
-        help="as SENTIMENT_DTYPE; every server serves what it resolves to",
-    )
+    add_dtype_option(parser, "auto", "as SENTIMENT_DTYPE; every server serves what it resolves to")
     parser.add_argument(
         "--sittings",
         type=int,

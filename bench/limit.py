@@ -145,6 +145,11 @@ def int8_lever(
     return {"reviews": len(seqs), "accuracy": accuracy, "throughput": rows}
 
 
+def add_dtype_option(parser: argparse.ArgumentParser, default: str, help: str) -> None:
+    """``--dtype``: the precisions ``SENTIMENT_DTYPE`` takes."""
+    parser.add_argument("--dtype", choices=("auto", *bundle.PRECISIONS), default=default, help=help)
+
+
 def machine() -> dict[str, Any]:
     """Where a measurement ran: CPU, cores, versions, commit."""
     cpu = "unknown CPU"
@@ -177,12 +182,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=5.0, help="timing per measurement")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", *bundle.PRECISIONS),
-        default="float32",
-        help="as SENTIMENT_DTYPE",
-    )
+    add_dtype_option(parser, "float32", "as SENTIMENT_DTYPE")
     parser.add_argument(
         "--thread-lever",
         action="store_true",

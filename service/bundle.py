@@ -33,7 +33,7 @@ import hashlib
 import io
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -355,39 +355,49 @@ def sha256(path: Path) -> str:
 
 
 def save(folder: Path, model: torch.jit.ScriptModule, tokenizer: Tokenizer, card: Card) -> Path:
-    """Write the three files beside ``folder``, read them back through ``load`` and only then
-    move them into place, so a failed or interrupted save never leaves a half bundle."""
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.save(str(partial / MODEL_FILE))
-    served = Tokenizer.from_str(tokenizer.to_str())
-    served.no_truncation()
-    served.save(str(partial / TOKENIZER_FILE))
-    (partial / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    load(partial, "cpu")
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-    return folder
+    """Write the three files, and only once they load as a bundle put them in ``folder``."""
+
+    def write(partial: Path) -> None:
+        model.save(str(partial / MODEL_FILE))
+        served = Tokenizer.from_str(tokenizer.to_str())
+        served.no_truncation()
+        served.save(str(partial / TOKENIZER_FILE))
+        _write_card(partial, card)
+
+    return _replace(folder, write, "float32")
 
 
 def save_int8(folder: Path, model: torch.jit.ScriptModule, variant: Int8Variant) -> Path:
     """Add ``model`` as the int8 variant of the bundle in ``folder``: its other files are copied
     as they are, the card gains ``variant``, and the result must load as int8 before it
-    replaces the folder (as ``save`` does)."""
+    replaces the folder."""
     card = read_card(folder)
+
+    def write(partial: Path) -> None:
+        for name in FILES:
+            shutil.copy2(folder / name, partial / name)
+        model.save(str(partial / INT8_FILE))
+        _write_card(partial, card.model_copy(update={"int8": variant}))
+
+    return _replace(folder, write, "int8")
+
+
+def _replace(folder: Path, write: Callable[[Path], None], check: Precision) -> Path:
+    """``write`` the files beside ``folder``, read them back through ``load`` (as ``check``) and
+    only then move them into place, so a failed or interrupted save never leaves a half
+    bundle."""
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    for name in FILES:
-        shutil.copy2(folder / name, partial / name)
-    model.save(str(partial / INT8_FILE))
-    card = card.model_copy(update={"int8": variant})
-    (partial / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    load(partial, "cpu", "int8")
-    shutil.rmtree(folder)
+    write(partial)
+    load(partial, "cpu", check)
+    shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
+
+
+def _write_card(folder: Path, card: Card) -> None:
+    (folder / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
 
 def round_trip(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
