@@ -4,6 +4,7 @@ and the CPU levers measured the same way (threads, length grouping, int8 dynamic
     python -m bench.limit models/imdb-bigru --batch-sizes 1,16,64,256
     python -m bench.limit models/imdb-bigru --device cuda --dtype float16 --batch-sizes 1,64,1024
     python -m bench.limit models/imdb-bigru --dtype int8 --batch-sizes 1,4,16,64 --thread-lever
+    python -m bench.limit models/imdb-bigru --dtype int8 --batch-sizes 64 --batch-spread
 
 Reviews keep their real length spread (tokenised and cut by the bundle's own rules). Two orders
 are timed per batch size: ``random`` (batches as requests arrive) and ``grouped`` (reviews
@@ -150,6 +151,31 @@ def add_dtype_option(parser: argparse.ArgumentParser, default: str, help: str) -
     parser.add_argument("--dtype", choices=("auto", *bundle.PRECISIONS), default=default, help=help)
 
 
+def batch_spread(
+    runtime: ModelRuntime, seqs: list[np.ndarray], count: int = 128, batch_size: int = 64
+) -> dict[str, Any]:
+    """How far a text's calibrated probability moves between being scored alone and in a batch
+    of ``batch_size`` (arrival order): about 1e-7 for float32, more for int8, whose activations
+    are quantised with a scale per batch."""
+    alone = np.array([runtime.infer([s])[0] for s in seqs[:count]])
+    batched = np.concatenate(
+        [runtime.infer(seqs[i : i + batch_size]) for i in range(0, count, batch_size)]
+    )[:count]
+
+    def probability(z: np.ndarray) -> np.ndarray:
+        return 1 / (1 + np.exp(-z / runtime.temperature))
+
+    moved = np.abs(probability(alone) - probability(batched))
+    spread = {
+        "texts": len(moved),
+        "mean": round(float(moved.mean()), 5),
+        "max": round(float(moved.max()), 5),
+        "labels_changed": int(((alone >= 0) != (batched >= 0)).sum()),
+    }
+    print(f"  batch spread ({runtime.precision}, alone vs batches of {batch_size}): {spread}")
+    return spread
+
+
 def machine() -> dict[str, Any]:
     """Where a measurement ran: CPU, cores, versions, commit."""
     cpu = "unknown CPU"
@@ -188,6 +214,12 @@ def main() -> None:
         action="store_true",
         help="also time each batch size on 1 torch thread and on all cores (arrival order)",
     )
+    parser.add_argument(
+        "--batch-spread",
+        action="store_true",
+        help="also report how far 128 reviews' probabilities move between alone and in batches "
+        "of 64",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -213,6 +245,7 @@ def main() -> None:
         "machine": machine(),
         "results": rows,
         "threads": threads,
+        "batch_spread": batch_spread(runtime, seqs) if args.batch_spread else None,
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

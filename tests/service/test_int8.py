@@ -19,7 +19,7 @@ from service.schemas import ExplainResponse
 from tests.service.conftest import serve
 
 # How far an int8 score may move with its batch's company (measured: docs/benchmarks.md).
-INT8_BATCH_TOLERANCE = 0.02  # 0.0154 at most over 128 test reviews, alone or in 64s
+INT8_BATCH_TOLERANCE = 0.03  # 0.0199 at most over 128 test reviews, alone vs in 64s
 TEXTS = ["a wonderful film, great acting", "dull and boring, a waste", "it was fine I guess"]
 
 
