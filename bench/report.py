@@ -93,8 +93,11 @@ def ratios(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "",
             )
         )
-    # Peers ran with the torch threads of our better configuration: compare with that one.
-    mine = "ours-1thread" if results.get("peer_threads") == 1 else "ours"
+    # Peers ran with the workers and torch threads of our better configuration: compare with
+    # that one (older results name only its threads).
+    mine = results.get("peers_like") or (
+        "ours-1thread" if results.get("peer_threads") == 1 else "ours"
+    )
     ours = runs[mine]["single"]
     best_peer = None
     for peer in PEERS:
@@ -262,8 +265,9 @@ def write(results: dict[str, Any], out: Path) -> str:
             f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']} "
             f"({m['torch_threads']} threads), commit {m['commit']}; peers: "
             + (", ".join(results["peers"].values()) or "none")
-            + f" (torch threads: {results.get('peer_threads') or 'default'}, the setting of "
-            "our better configuration)" + f"; {results['minutes']} minutes.  \n"
+            + f" (model workers: {results.get('peer_workers', 1)}, torch threads: "
+            f"{results.get('peer_threads') or 'default'}, the settings of our better "
+            "configuration)" + f"; {results['minutes']} minutes.  \n"
             f"Workload: {w['reviews']} IMDb test reviews, tokens mean {w['tokens_mean']}, "
             f"p50/p90/max {w['tokens_p50_p90_max']}; model {w['model']} "
             f"({w['parameters']} parameters)."

@@ -199,8 +199,11 @@ def peer_python(venv_root: Path, peer: str, torch_pip_args: list[str]) -> Path:
     return python
 
 
-def _peer_env(bundle: Path, threads: int | None, device: str, dtype: str) -> dict[str, str]:
+def _peer_env(
+    bundle: Path, threads: int | None, device: str, dtype: str, workers: int = 1
+) -> dict[str, str]:
     env = {"BENCH_REPO_ROOT": str(REPO_ROOT), "BENCH_BUNDLE": str(bundle.resolve())}
+    env["BENCH_WORKERS"] = str(workers)
     env |= {"BENCH_DEVICE": device, "BENCH_DTYPE": dtype}
     if threads:
         env["BENCH_TORCH_THREADS"] = str(threads)
@@ -218,12 +221,14 @@ def litserve(
     threads: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    workers: int = 1,
 ) -> Iterator[Server]:
+    """LitServe with ``workers`` inference processes (``workers_per_device``)."""
     port = free_port()
     script = str(PEERS / "litserve_server.py")
     command = [str(python.absolute()), script, str(port), str(max_batch_size), str(wait_s)]
     url = f"http://127.0.0.1:{port}/predict"
-    env = _peer_env(bundle, threads, device, dtype)
+    env = _peer_env(bundle, threads, device, dtype, workers)
     with _serve("litserve", command, url, env, workdir, probe) as server:
         yield server
 
@@ -239,14 +244,16 @@ def torchserve(
     threads: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    workers: int = 1,
 ) -> Iterator[Server]:
+    """TorchServe with ``workers`` Python backend workers for the model."""
     # Absolute paths: TorchServe runs in workdir. (absolute(), not resolve(): the venv's python
     # is a symlink that must stay inside the venv.)
     bin_dir, workdir, bundle = python.absolute().parent, workdir.absolute(), bundle.absolute()
     store = workdir / "model-store"
     store.mkdir(parents=True, exist_ok=True)
     (workdir / "model-config.yaml").write_text(
-        f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {max_batch_size}\n"
+        f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {max_batch_size}\n"
         f"maxBatchDelay: {wait_ms}\nresponseTimeout: 120\n"
     )
     # The archive's folder is the bundle again: the int8 variant travels with it, if made.
@@ -271,7 +278,7 @@ def torchserve(
         "management_address": f"http://127.0.0.1:{management}",
         "metrics_address": f"http://127.0.0.1:{metrics}",
         "disable_token_authorization": "true",
-        "default_workers_per_model": "1",
+        "default_workers_per_model": str(workers),
         "job_queue_size": "1000",
         "install_py_dep_per_model": "false",
         "load_models": "sentiment.mar",
@@ -287,7 +294,10 @@ def torchserve(
         f"--ts-config={workdir / 'config.properties'}",
         "--disable-token-auth",
     ]
-    env = {**_peer_env(bundle, threads, device, dtype), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env = {
+        **_peer_env(bundle, threads, device, dtype, workers),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
     url = f"http://127.0.0.1:{port}/predictions/sentiment"
     with _serve("torchserve", command, url, env, workdir, probe) as server:
         yield server

@@ -125,12 +125,12 @@ def _ours(options: Options, probe: bytes) -> list[tuple[str, ServerFactory]]:
 
 
 def _peers(
-    options: Options, probe: bytes, threads: int | None
+    options: Options, probe: bytes, threads: int | None, workers: int
 ) -> tuple[list[tuple[str, ServerFactory]], dict[str, str]]:
-    """The peers, with the batching and torch threads of our best configuration, and their
-    package versions."""
+    """The peers, with the batching, model workers and torch threads of our best configuration,
+    and their package versions."""
     wd, bundle, batch = options.workdir, options.bundle, options.plan.max_batch_size
-    on = {"device": options.device, "dtype": options.dtype}
+    on: dict[str, Any] = {"device": options.device, "dtype": options.dtype, "workers": workers}
     configs: list[tuple[str, ServerFactory]] = []
     versions = {}
     for peer in options.peers:
@@ -168,9 +168,11 @@ def _measure(
                 measured["batched"] = result.summary()
                 _say(name, f"{plan.batched_clients} clients x {n} texts", result)
             if name.startswith("ours"):
-                # Bytes on the GPU after the whole sweep (null on a CPU): its /info says.
+                # Bytes on the GPU after the whole sweep (null on a CPU) and the batches it ran
+                # side by side: its /info says.
                 info = httpx.get(server.url.removesuffix("/predict") + "/info", timeout=10)
                 measured["cuda_memory"] = info.json()["cuda_memory"]
+                measured["inference_workers"] = info.json()["batching"]["inference_workers"]
         measured_all[name] = measured
     return measured_all
 
@@ -220,15 +222,22 @@ def run(options: Options) -> dict[str, Any]:
         results["int8"] = limit.int8_lever(runtime, lever_seqs, labels, [1, 64], plan.limit_seconds)
 
     results["servers"] = _measure(_ours(options, work.probe()), work, plan)
-    # Peers run with the torch threads that served best here: the same setting for everyone.
+    # Peers run with the model workers and torch threads that served best here: the same
+    # setting for everyone (ours on one thread is one worker).
     best = {
         name: max(p["texts_per_s"] for p in results["servers"][name]["single"])
         for name in ("ours", "ours-1thread")
         if name in results["servers"]
     }
-    threads = 1 if best.get("ours-1thread", 0) > best["ours"] else None
-    results["peer_threads"] = threads
-    peer_configs, results["peers"] = _peers(options, work.probe(), threads)
+    results["peers_like"] = max(best, key=best.__getitem__)
+    workers = int(results["servers"]["ours"]["inference_workers"])
+    threads: int | None = None  # torch's default
+    if results["peers_like"] == "ours-1thread":
+        threads, workers = 1, 1
+    elif workers > 1:  # each worker its share of the threads, as ours gives them
+        threads = max(1, torch.get_num_threads() // workers)
+    results["peer_threads"], results["peer_workers"] = threads, workers
+    peer_configs, results["peers"] = _peers(options, work.probe(), threads, workers)
     results["servers"].update(_measure(peer_configs, work, plan))
 
     results["minutes"] = round((time.monotonic() - started) / 60, 1)

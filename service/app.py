@@ -46,8 +46,13 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         model = runtime or ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
-        if model.device.type == "cpu" and settings.small_batch_texts:
-            model.threads = TorchThreads(torch.get_num_threads(), settings.small_batch_texts)
+        workers = inference_workers(settings, model)
+        if model.device.type == "cpu":
+            # torch's thread count is process-wide, so only a lone worker can change it per
+            # batch; side by side, each worker keeps its share of the threads.
+            share = max(1, torch.get_num_threads() // workers)
+            small = settings.small_batch_texts if workers == 1 else 0
+            model.threads = TorchThreads(share, small)
         if settings.warmup:
             await asyncio.to_thread(model.warmup, (1, settings.max_batch_size))
         batcher = DynamicBatcher(
@@ -58,6 +63,7 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
             max_queue=settings.max_queue_texts,
             max_jobs=settings.explain_max_queue,
             job_share=settings.explain_share,
+            workers=workers,
             metrics=metrics,
         )
         await batcher.start()
@@ -74,7 +80,14 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
             loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
         app.state.predictor = predictor
         app.state.reloader = reloader
-        log.info("serving %s %s on %s", model.card.name, model.card.version, model.device)
+        log.info(
+            "serving %s %s on %s (%s, %d inference workers)",
+            model.card.name,
+            model.card.version,
+            model.device,
+            model.precision,
+            workers,
+        )
         try:
             yield
         finally:
@@ -123,6 +136,14 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         )
     app.add_middleware(HttpMetrics, metrics=metrics, paths=paths)  # outermost: sees every answer
     return app
+
+
+def inference_workers(settings: Settings, model: ModelRuntime) -> int:
+    """The setting, else one worker per torch thread on a CPU (batches side by side, each on
+    one core: docs/benchmarks.md, "CPU levers") and one on CUDA (one stream runs them)."""
+    if settings.inference_workers:
+        return settings.inference_workers
+    return torch.get_num_threads() if model.device.type == "cpu" else 1
 
 
 def _register_errors(app: FastAPI, metrics: Metrics, paths: frozenset[str]) -> None:

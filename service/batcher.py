@@ -4,19 +4,24 @@ A batch closes when ``max_batch_size`` texts wait or when the oldest waiting tex
 ``max_wait_s`` (measured with ``time.monotonic()``). Each round takes the oldest texts (up to
 four batches' worth), sorts them by length and cuts them into batches bounded by both the text
 count and the padded-token budget, so short texts are not padded to a long neighbour's length.
-Inference runs in one worker thread, never on the event loop. Whatever happens, every waiting
-future is answered: with a result, a timeout, or the error that stopped its batch.
+Inference runs in ``workers`` threads, never on the event loop: with more than one, batches run
+side by side (Triton's model instances), which on a CPU with one torch thread per worker beats
+one batch on all threads (docs/benchmarks.md, "CPU levers"). A round's batches go to workers as
+they free up; a round is cut into at least as many batches as workers are free, so an idle
+worker never watches another run the whole queue. Whatever happens, every waiting future is
+answered: with a result, a timeout, or the error that stopped its batch.
 
 Each text carries the model function that is to score it (the one whose tokenizer read it): a
 batch holds texts of one model only, so when the service swaps models (a reload), texts queued
 before the swap are scored by the old model and texts after it by the new one, never a mix.
 
-The same thread runs long jobs (explanations) in chunks between prediction rounds. While
-predictions are busy, jobs get at most ``job_share`` of the thread's time (a credit earned by
-prediction batches, spent by chunks), so a burst of explanations slows predictions by a bounded
-fraction and never stops them. "Busy" means texts are waiting, or one arrived or a batch ended
-within ``PREDICTIONS_IDLE_S``: under a closed loop of clients the queue is empty between the
-end of a batch and the clients' next requests, and jobs must not take that moment for free.
+The same threads run long jobs (explanations) in chunks between prediction batches, one chunk at
+a time. While predictions are busy, jobs get at most ``job_share`` of the workers' time (a
+credit earned by prediction batches, spent by chunks), so a burst of explanations slows
+predictions by a bounded fraction and never stops them. "Busy" means texts are waiting, or one
+arrived or a batch ended within ``PREDICTIONS_IDLE_S``: under a closed loop of clients the
+queue is empty between the end of a batch and the clients' next requests, and jobs must not
+take that moment for free.
 When predictions are idle, jobs run back to back.
 """
 
@@ -27,10 +32,10 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -98,10 +103,13 @@ class DynamicBatcher:
         max_queue: int,
         max_jobs: int = 8,
         job_share: float = 0.25,
+        workers: int = 1,
         metrics: Metrics | None = None,
     ) -> None:
         if not 0 < job_share <= 1:
             raise ValueError(f"job_share must be in (0, 1], got {job_share}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self._infer = infer
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -109,6 +117,7 @@ class DynamicBatcher:
         self.max_queue = max_queue
         self.max_jobs = max_jobs
         self.job_share = job_share
+        self.workers = workers
         self._metrics = metrics or Metrics()
         self._pending: deque[_Pending] = deque()
         self._jobs: deque[_QueuedJob] = deque()
@@ -117,8 +126,10 @@ class DynamicBatcher:
         # Monotonic time of the latest prediction activity: a text arriving, a batch ending.
         self._last_prediction = float("-inf")
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()  # batches and chunks on the workers
+        self._job_running = False
         self._accepting = False
 
     @property
@@ -186,21 +197,24 @@ class DynamicBatcher:
     async def _loop(self) -> None:
         try:
             while self._pending or self._jobs or self._accepting:
-                if not self._pending and not self._jobs:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                if self._jobs_turn():
-                    await self._advance_job()
-                    continue
-                if not self._pending:  # jobs wait for credit; predictions may come back soon
+                job_ready = bool(self._jobs) and not self._job_running
+                if not self._pending and not job_ready:
+                    await self._wait_for_wakeup()  # for work, or for a running chunk to end
+                elif len(self._running) >= self.workers:
+                    await self._wait_for_wakeup()  # a worker frees up
+                elif job_ready and self._jobs_turn():
+                    self._job_running = True
+                    self._launch(self._advance_job(), [self._jobs[0]])
+                elif not self._pending:  # jobs wait for credit; predictions may come back soon
                     await self._wait_until(self._last_prediction + PREDICTIONS_IDLE_S)
-                    continue
-                await self._wait_for_company()
-                for batch in self._next_round():
-                    elapsed = await self._run(batch)
-                    if self._jobs and self.job_share < 1:
-                        self._job_credit += elapsed * self.job_share / (1 - self.job_share)
+                else:
+                    await self._wait_for_company()
+                    for batch in self._next_round():
+                        while len(self._running) >= self.workers:
+                            await self._wait_for_wakeup()
+                        self._launch(self._run(batch), batch)
+            while self._running:  # draining: what the workers hold is answered before we stop
+                await self._wait_for_wakeup()
         finally:
             # Only reached with work left if the loop itself failed: answer it anyway.
             stopped = ServiceError(ErrorType.UNAVAILABLE, "the batcher stopped")
@@ -210,6 +224,32 @@ class DynamicBatcher:
                     waiter.future.set_exception(stopped)
             self._pending.clear()
             self._jobs.clear()
+
+    async def _wait_for_wakeup(self) -> None:
+        self._wakeup.clear()
+        await self._wakeup.wait()
+
+    def _launch(
+        self, work: Coroutine[Any, Any, None], waiters: Sequence[_Pending | _QueuedJob]
+    ) -> None:
+        """Run ``work`` (a batch or a chunk) as a task; when it ends the loop is woken, and if
+        it failed in a way it did not answer itself, its waiters are answered here."""
+        task = asyncio.create_task(work)
+        self._running.add(task)
+
+        def finished(task: asyncio.Task[None]) -> None:
+            self._running.discard(task)
+            self._wakeup.set()
+            if task.cancelled() or task.exception() is not None:
+                log.error(
+                    "a batch task failed", exc_info=None if task.cancelled() else task.exception()
+                )
+                error = ServiceError(ErrorType.BACKEND, "inference failed; see the server log")
+                for waiter in waiters:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(error)
+
+        task.add_done_callback(finished)
 
     async def _wait_for_company(self) -> None:
         close_at = self._pending[0].enqueued + self.max_wait_s
@@ -225,12 +265,16 @@ class DynamicBatcher:
 
     def _next_round(self) -> list[list[_Pending]]:
         take = min(len(self._pending), self.max_batch_size * ROUND_BATCHES)
+        free_workers = max(1, self.workers - len(self._running))
         window = [self._pending.popleft() for _ in range(take)]
         self._metrics.queue_depth.set(len(self._pending))
         # A cancelled text's request gave up (client gone, or deadline passed): skip it. The
         # request's own error answer is what gets counted.
         live = [item for item in window if not item.future.cancelled()]
         live.sort(key=lambda item: len(item.ids))
+        # Spread a small round over the free workers: on a CPU two half batches side by side
+        # finish well before one whole batch (each worker has its own core).
+        per_batch = min(self.max_batch_size, max(1, -(-len(live) // free_workers)))
         by_model: dict[InferFn, list[_Pending]] = {}  # a batch never mixes models
         for item in live:
             by_model.setdefault(item.infer, []).append(item)
@@ -240,7 +284,7 @@ class DynamicBatcher:
             for item in items:
                 longest = max(len(item.ids), 1)  # sorted: the newcomer is the longest
                 if current and (
-                    len(current) == self.max_batch_size
+                    len(current) == per_batch
                     or (len(current) + 1) * longest > self.max_batch_tokens
                 ):
                     batches.append(current)
@@ -267,9 +311,15 @@ class DynamicBatcher:
 
     async def _advance_job(self) -> None:
         """One chunk of the oldest job; the job leaves the queue when done, given up or failed."""
-        queued = self._jobs[0]
+        try:
+            await self._advance(self._jobs[0])
+        finally:
+            self._job_running = False
+
+    async def _advance(self, queued: _QueuedJob) -> None:
         started = time.monotonic()
-        if queued.future.cancelled() or queued.deadline <= started:
+        # Done already: cancelled by its request, or failed in a way _launch answered.
+        if queued.future.done() or queued.deadline <= started:
             if not queued.future.done():
                 queued.future.set_exception(
                     ServiceError(ErrorType.TIMEOUT, "deadline passed before the explanation ran")
@@ -310,9 +360,17 @@ class DynamicBatcher:
             # Credit is not banked while no job waits (debt is: it was taken from predictions).
             self._job_credit = min(self._job_credit, 0.0)
 
-    async def _run(self, batch: list[_Pending]) -> float:
-        """Run one batch; the seconds it took."""
+    async def _run(self, batch: list[_Pending]) -> None:
+        """Run one batch; its time earns jobs their credit."""
         started = time.monotonic()
+        try:
+            await self._infer_batch(batch, started)
+        finally:
+            if self._jobs and self.job_share < 1:
+                elapsed = time.monotonic() - started
+                self._job_credit += elapsed * self.job_share / (1 - self.job_share)
+
+    async def _infer_batch(self, batch: list[_Pending], started: float) -> None:
         live = []
         for item in batch:
             if item.future.done():
@@ -324,7 +382,7 @@ class DynamicBatcher:
             else:
                 live.append(item)
         if not live:
-            return 0.0
+            return
         loop = asyncio.get_running_loop()
         try:
             logits = await loop.run_in_executor(
@@ -337,7 +395,7 @@ class DynamicBatcher:
                     item.future.set_exception(
                         ServiceError(ErrorType.BACKEND, "inference failed; see the server log")
                     )
-            return time.monotonic() - started
+            return
         self._last_prediction = time.monotonic()
         elapsed = self._last_prediction - started
         m = self._metrics
@@ -350,4 +408,3 @@ class DynamicBatcher:
                 item.future.set_result(
                     ItemResult(float(logit), started - item.enqueued, elapsed, len(live))
                 )
-        return elapsed

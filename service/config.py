@@ -78,12 +78,20 @@ class Settings(BaseSettings):
         "wait (with none waiting they take all of it)",
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
+    inference_workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="batches the model runs side by side (Triton's model instances), sharing "
+        "torch_threads between them; default: on a CPU one per torch thread, each on one "
+        "thread; on CUDA one",
+    )
     # 16 measured: 1.21x / 1.23x / 1.08x requests/s at 1 / 4 / 16 clients (docs/benchmarks.md).
     small_batch_texts: int = Field(
         16,
         ge=0,
-        description="CPU: batches of at most this many texts run on one torch thread, larger "
-        "ones on torch_threads (0: all on torch_threads)",
+        description="CPU, one inference worker: batches of at most this many texts run on one "
+        "torch thread, larger ones on torch_threads (0: all on torch_threads)",
     )
     tokenization_workers: int = Field(
         1,

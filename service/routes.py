@@ -156,6 +156,7 @@ async def ready(_: PredictorDep) -> HealthResponse:
 )
 async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
     batching = settings.model_dump(include=set(BatchSettings.model_fields))
+    batching["inference_workers"] = predictor.batcher.workers  # the setting, resolved
     explanations = settings.model_dump(include=set(ExplainSettings.model_fields))
     return InfoResponse(
         model=predictor.runtime.card.summary(),

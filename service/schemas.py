@@ -207,6 +207,7 @@ class BatchSettings(BaseModel):
     max_inputs_per_request: int
     request_timeout_s: float
     auto_truncate: bool
+    inference_workers: int = Field(description="batches the model runs side by side")
 
 
 class ExplainSettings(BaseModel):

@@ -53,7 +53,8 @@ def main() -> None:
     except TypeError:
         api, server_kwargs = SentimentAPI(), batching
     accelerator = "cuda" if os.environ.get("BENCH_DEVICE", "cpu").startswith("cuda") else "cpu"
-    server = ls.LitServer(api, accelerator=accelerator, workers_per_device=1, **server_kwargs)
+    workers = int(os.environ.get("BENCH_WORKERS", "1"))
+    server = ls.LitServer(api, accelerator=accelerator, workers_per_device=workers, **server_kwargs)
     # Access logs off, as in our server's benchmark configuration.
     run_kwargs: dict[str, Any] = {"port": port, "host": "127.0.0.1", "log_level": "warning"}
     try:

@@ -253,10 +253,35 @@ def test_health_ready_info_and_docs(server: RunningServer, trained_bundle: Path)
     assert info["dtype"] == "float32"
     assert info["cuda_memory"] is None  # a CPU service has no CUDA memory to report
     assert info["batching"]["max_batch_size"] == 64
+    # On a CPU one inference worker per torch thread by default (batches side by side).
+    assert info["batching"]["inference_workers"] == torch.get_num_threads()
     assert httpx.get(f"{server.url}/docs").status_code == 200
     spec = httpx.get(f"{server.url}/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"]["$ref"].endswith("/PredictRequest")
+
+
+def test_three_inference_workers_answer_a_flood_as_the_model_does(trained_bundle: Path):
+    """If this fails, batches run side by side (SENTIMENT_INFERENCE_WORKERS) mix up answers or
+    the setting is not applied."""
+    texts = [review(i) for i in range(120)]
+    runtime = ModelRuntime.load(trained_bundle, "cpu")
+    want = runtime.infer([e.ids for e in runtime.preprocess(texts)])
+    with serve(trained_bundle, inference_workers=3, max_batch_size=4) as server:
+        assert httpx.get(f"{server.url}/info").json()["batching"]["inference_workers"] == 3
+
+        async def flood() -> list[Any]:
+            async with server.async_client() as client:
+                answers = await asyncio.gather(
+                    *(client.post("/predict", json={"inputs": t}) for t in texts)
+                )
+            return [a.json()[0] for a in answers]
+
+        answers = asyncio.run(flood())
+    for text, logit, answer in zip(texts, want, answers, strict=True):
+        expected = dict(runtime.postprocess(float(logit)))
+        got = {a["label"]: a["score"] for a in answer}
+        assert got == {k: pytest.approx(v, abs=1e-5) for k, v in expected.items()}, text
 
 
 def test_before_the_model_is_loaded_every_model_route_answers_503(trained_bundle: Path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service import batcher as batcher_module
-from service.batcher import DynamicBatcher
+from service.batcher import DynamicBatcher, InferFn
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 
@@ -39,7 +39,7 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
 
 
-def make(model: RecordingModel, **overrides: Any) -> DynamicBatcher:
+def make(model: InferFn, **overrides: Any) -> DynamicBatcher:
     options: dict[str, Any] = dict(
         max_batch_size=8, max_batch_tokens=10_000, max_wait_s=0.05, max_queue=100
     )
@@ -400,3 +400,100 @@ def test_texts_for_two_models_never_share_a_batch():
     assert logits[1::2] == [3.0 * i + 1000 for i in range(10)]
     assert old.batches == [[2] * 10]
     assert new.batches == [[3] * 10]
+
+
+# -- several inference workers (batches side by side) -----------------------------------------
+class MeetingModel(RecordingModel):
+    """Each batch waits until ``parties`` batches are in the model at once: with fewer
+    concurrent batches the barrier breaks and the batch fails."""
+
+    def __init__(self, parties: int, fail_on: int | None = None) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=5)
+        self.fail_on = fail_on
+
+    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+        self.barrier.wait()
+        if self.fail_on is not None and any(int(s[0]) == self.fail_on for s in seqs):
+            raise RuntimeError("a batch failed (simulated)")
+        return super().__call__(seqs)
+
+
+def test_two_workers_run_two_batches_side_by_side():
+    """If this fails, SENTIMENT_INFERENCE_WORKERS runs batches one after another (the CPU's
+    second core idles) or no longer spreads a small round over the free workers."""
+    model = MeetingModel(parties=2)
+
+    async def scenario() -> list[float]:
+        batcher = make(model, max_wait_s=0, workers=2)
+        await batcher.start()
+        futures = batcher.submit([seq(2, 1), seq(3, 1)], time.monotonic() + 10)
+        results = await asyncio.gather(*futures)
+        await batcher.stop()
+        return [r.logit for r in results]
+
+    assert run(scenario()) == [2.0, 3.0]
+    assert sorted(model.batches) == [[2], [3]]
+    assert len(model.thread_names) == 2
+
+
+def test_a_failed_batch_on_one_worker_leaves_the_other_batch_answered():
+    model = MeetingModel(parties=2, fail_on=7)
+
+    async def scenario() -> list[object]:
+        batcher = make(model, max_wait_s=0, workers=2)
+        await batcher.start()
+        futures = batcher.submit([seq(2, 1), seq(3, 7)], time.monotonic() + 10)
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        return outcomes
+
+    ok, failed = run(scenario())
+    assert getattr(ok, "logit", None) == 2.0
+    assert isinstance(failed, ServiceError)
+    assert failed.error_type is ErrorType.BACKEND
+
+
+def test_a_job_chunk_and_a_batch_share_two_workers():
+    """If this fails, an explanation holds every worker while /predict waits."""
+    barrier = threading.Barrier(2, timeout=5)
+
+    class MeetingJob(ChunkedJob):
+        def advance(self) -> bool:
+            barrier.wait()
+            return super().advance()
+
+    timeline: list[str] = []
+    model = TimelineModel(timeline, delay=0)
+    model_call = model.__call__
+
+    def meeting_model(seqs: list[np.ndarray]) -> np.ndarray:
+        barrier.wait()
+        return model_call(seqs)
+
+    async def scenario() -> None:
+        batcher = make(meeting_model, max_wait_s=0, workers=2)
+        await batcher.start()
+        job = batcher.submit_job(MeetingJob(timeline, "job", 1, 0), time.monotonic() + 10)
+        await asyncio.sleep(0.05)  # the chunk is on a worker, waiting at the barrier
+        [text] = batcher.submit([seq(4)], time.monotonic() + 10)
+        assert (await text).logit == 4.0
+        assert (await job).chunks == 1
+        await batcher.stop()
+
+    run(scenario())
+    assert sorted(timeline) == ["batch", "job"]
+
+
+def test_stop_with_two_workers_answers_every_batch_in_flight():
+    model = RecordingModel(delay=0.02)
+
+    async def scenario() -> list[float]:
+        batcher = make(model, max_batch_size=2, max_wait_s=0, workers=2)
+        await batcher.start()
+        futures = batcher.submit([seq(i + 1) for i in range(9)], time.monotonic() + 10)
+        await batcher.stop()
+        return [f.result().logit for f in futures]
+
+    assert run(scenario()) == [float(i + 1) for i in range(9)]
+    assert sorted(n for batch in model.batches for n in batch) == list(range(1, 10))
