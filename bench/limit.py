@@ -4,7 +4,9 @@ and the CPU levers measured the same way (threads, length grouping, int8 dynamic
     python -m bench.limit models/imdb-bigru --batch-sizes 1,16,64,256
     python -m bench.limit models/imdb-bigru --device cuda --dtype float16 --batch-sizes 1,64,1024
     python -m bench.limit models/imdb-bigru --dtype int8 --batch-sizes 1,4,16,64 --thread-lever
+    python -m bench.limit models/imdb-bigru --dtype int8 --batch-sizes 1,8,64 --workers-lever
     python -m bench.limit models/imdb-bigru --dtype int8 --batch-sizes 64 --batch-spread
+    python -m bench.limit models/imdb-bigru --dtype int8 --threads 1 --batch-sizes 1 --short
 
 Reviews keep their real length spread (tokenised and cut by the bundle's own rules). Two orders
 are timed per batch size: ``random`` (batches as requests arrive) and ``grouped`` (reviews
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.workload import short_reviews
 from service import bundle
 from service.runtime import ModelRuntime
 from training.batches import pad_batch, predict_logits
@@ -116,6 +120,56 @@ def thread_lever(
     return rows
 
 
+def workers_lever(
+    runtime: ModelRuntime, seqs: list[np.ndarray], batch_sizes: list[int], min_seconds: float
+) -> list[dict[str, Any]]:
+    """Batches side by side, as ``SENTIMENT_INFERENCE_WORKERS`` runs them: one Python thread per
+    torch thread, each timing its own batches on one torch thread, all at once (a TorchScript
+    call releases the GIL). Reviews/s are summed over the threads; the one-worker row is the
+    same batches one at a time on every thread."""
+    default = torch.get_num_threads()
+    rows = []
+    try:
+        for workers in sorted({1, default}):
+            threads_each = max(1, default // workers)
+            for batch_size in batch_sizes:
+                rate = _side_by_side(runtime, seqs, batch_size, min_seconds, workers, threads_each)
+                rows.append(
+                    {
+                        "workers": workers,
+                        "threads_each": threads_each,
+                        "batch_size": batch_size,
+                        "reviews_per_s": round(rate, 1),
+                    }
+                )
+                print(f"  workers {workers}  batch {batch_size:>4}  {rate:9.1f} reviews/s")
+    finally:
+        torch.set_num_threads(default)
+    return rows
+
+
+def _side_by_side(
+    runtime: ModelRuntime,
+    seqs: list[np.ndarray],
+    batch_size: int,
+    min_seconds: float,
+    workers: int,
+    threads_each: int,
+) -> float:
+    rates: list[float] = []
+
+    def work() -> None:
+        torch.set_num_threads(threads_each)  # torch's thread count is kept per calling thread
+        rates.append(throughput(runtime, seqs, batch_size, min_seconds))
+
+    pool = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return sum(rates)
+
+
 def int8_lever(
     runtime: ModelRuntime,
     seqs: list[np.ndarray],
@@ -197,12 +251,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--data", default=default_data_source())
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache"))
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--reviews", type=int, default=1024, help="test reviews sampled")
     parser.add_argument("--min-seconds", type=float, default=5.0, help="timing per measurement")
@@ -215,18 +270,33 @@ def main() -> None:
         help="also time each batch size on 1 torch thread and on all cores (arrival order)",
     )
     parser.add_argument(
+        "--workers-lever",
+        action="store_true",
+        help="also time each batch size as one worker on all cores and as one worker per core "
+        "side by side (arrival order)",
+    )
+    parser.add_argument(
         "--batch-spread",
         action="store_true",
         help="also report how far 128 reviews' probabilities move between alone and in batches "
         "of 64",
     )
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="time the benchmark's short reviews (the short-review requests' texts) instead",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     runtime = ModelRuntime.load(args.bundle, args.device, args.dtype)
     on_gpu = runtime.device.type == "cuda"
-    texts, _ = load_reviews(args.data, args.reviews, seed=0)
+    if args.short:
+        test = load_imdb(args.data, args.cache_dir)["test"]
+        texts = short_reviews([t for t in test.texts if t.strip()])
+    else:
+        texts, _ = load_reviews(args.data, args.reviews, seed=0, cache_dir=args.cache_dir)
     seqs = [e.ids for e in runtime.preprocess(texts)]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     rows = sweep(runtime, seqs, batch_sizes, args.min_seconds)
@@ -239,12 +309,18 @@ def main() -> None:
         "device": str(runtime.device),
         "gpu": torch.cuda.get_device_name(runtime.device) if on_gpu else None,
         "dtype": runtime.precision,
-        "reviews": args.reviews,
+        "reviews": len(texts),
+        "short": args.short,
         "tokens_mean": round(float(lengths.mean()), 1),
         "tokens_p50_p90_max": [int(np.percentile(lengths, p)) for p in (50, 90, 100)],
         "machine": machine(),
         "results": rows,
         "threads": threads,
+        "workers": (
+            workers_lever(runtime, seqs, batch_sizes, args.min_seconds)
+            if args.workers_lever
+            else None
+        ),
         "batch_spread": batch_spread(runtime, seqs) if args.batch_spread else None,
     }
     if args.json:

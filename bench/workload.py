@@ -25,6 +25,11 @@ class Workload:
         return json.dumps({"inputs": self.reviews[0]}).encode()
 
 
+def short_reviews(texts: list[str], count: int = 200) -> list[str]:
+    """The first ``count`` reviews of at most ``SHORT_WORDS`` words: the short-review requests."""
+    return [t for t in texts if len(t.split()) <= SHORT_WORDS][:count]
+
+
 def _write(path: Path, bodies: list[object]) -> Path:
     path.write_text("".join(json.dumps({"inputs": b}) + "\n" for b in bodies), encoding="utf-8")
     return path
@@ -36,7 +41,7 @@ def build(
     """``count`` test reviews drawn at random (the mix of lengths the test set has)."""
     texts = [t for t in load_imdb(data, cache_dir)["test"].texts if t.strip()]
     reviews = random.Random(seed).sample(texts, count)
-    short = [t for t in texts if len(t.split()) <= SHORT_WORDS][:200]
+    short = short_reviews(texts)
     folder.mkdir(parents=True, exist_ok=True)
     n = texts_per_request
     batches = [reviews[i : i + n] for i in range(0, len(reviews) - n + 1, n)]

@@ -9,11 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import reliability, report, servers, tokenize
+from bench import limit, reliability, report, servers, tokenize
 from bench.loadgen import run_wrk, wrk_available
 from bench.suite import FULL, GPU, Options, Plan, run
+from bench.workload import SHORT_WORDS, short_reviews
 from service import allocator
+from training.data import load_imdb
 
 needs_wrk = pytest.mark.skipif(not wrk_available(), reason="wrk is not installed")
 PROBE = b'{"inputs": "A wonderful, moving film."}'
@@ -189,6 +192,13 @@ def test_a_miniature_sitting_writes_the_report(
     assert all(
         p["statuses"] == {"2xx": p["requests"]} for p in results["servers"]["ours"]["single"]
     )
+    # Peers get the workers of our better configuration: ours on one thread is one worker.
+    workers = results["servers"]["ours"]["inference_workers"]
+    assert workers >= 1
+    if results["peers_like"] == "ours-1thread":
+        assert (results["peer_workers"], results["peer_threads"]) == (1, 1)
+    else:
+        assert results["peer_workers"] == workers
 
 
 def test_a_gpu_sitting_starts_our_server_for_the_gpu(tmp_path: Path):
@@ -249,3 +259,27 @@ def test_tokenising_rate_is_reported_per_worker_count(
         assert row["x_gpu_target"] == pytest.approx(row["reviews_per_s"] / 15_000, abs=1e-3)
     single, batched = rows[0]["reviews_per_s"], rows[2]["reviews_per_s"]
     assert batched > single / 8
+
+
+def test_the_limit_on_short_reviews_and_side_by_side_workers(
+    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
+):
+    # The model's own time for the sitting's short-review requests: the floor under their p50.
+    # Timing the whole mix instead would make that floor several times too high. And the
+    # workers lever's rows: one worker on every thread, then one per thread side by side.
+    out = tmp_path / "limit.json"
+    args = [str(trained_bundle), "--data", str(imdb_tarball), "--cache-dir", str(tmp_path)]
+    args += ["--short", "--batch-sizes", "1", "--min-seconds", "0.2", "--workers-lever"]
+    limit.main([*args, "--json", str(out)])
+    result = json.loads(out.read_text())
+    test = [t for t in load_imdb(str(imdb_tarball), tmp_path)["test"].texts if t.strip()]
+    short = short_reviews(test)
+    assert all(len(t.split()) <= SHORT_WORDS for t in short)
+    assert result["short"] is True
+    assert result["reviews"] == len(short) > 0
+    assert {r["batch_size"] for r in result["results"]} == {1}
+    assert all(r["reviews_per_s"] > 0 for r in result["results"])
+    cores = torch.get_num_threads()
+    lever = [(r["workers"], r["threads_each"], r["batch_size"]) for r in result["workers"]]
+    assert lever == sorted({(1, cores, 1), (cores, 1, 1)})
+    assert all(r["reviews_per_s"] > 0 for r in result["workers"])
