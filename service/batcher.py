@@ -58,7 +58,7 @@ class ItemResult:
 
 
 class Job(Protocol):
-    """Work done in chunks in the inference thread (``runtime.IntegratedGradients``)."""
+    """Work done in chunks on an inference worker (``runtime.IntegratedGradients``)."""
 
     def advance(self) -> bool:
         """Run one chunk; True once the job is complete."""

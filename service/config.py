@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         0.25,
         gt=0,
         le=1,
-        description="most of the inference thread's time explanations take while predictions "
+        description="most of the inference workers' time explanations take while predictions "
         "wait (with none waiting they take all of it)",
     )
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
