@@ -5,7 +5,7 @@ against one server, so both sides see the same machine state.
     python -m bench.explain_cost --out docs/explanations
 
 The ratio (with / without) should stay near ``1 - explain_share`` or above: explanations take
-at most that share of the inference thread while predictions wait.
+at most that share of the inference workers' time while predictions wait.
 """
 
 from __future__ import annotations
