@@ -78,6 +78,17 @@ def test_prometheus_scrapes_the_api_service():
     assert job["static_configs"][0]["targets"] == ["api:8000"]
 
 
+def test_torch_threads_match_each_deployments_cpu_limit():
+    """If this fails, a container on a many-core host runs one inference worker per host core
+    inside a quota of a few: torch counts the host's cores, not the container's."""
+    api = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]
+    default = api["environment"]["SENTIMENT_TORCH_THREADS"].removesuffix("}").split(":-")[1]
+    assert int(default) == int(api["cpus"])
+    swarm = yaml.safe_load((ROOT / "deploy/swarm/stack.yml").read_text())["services"]["api"]
+    limit = swarm["deploy"]["resources"]["limits"]["cpus"]
+    assert int(swarm["environment"]["SENTIMENT_TORCH_THREADS"]) == int(float(limit))
+
+
 def test_compose_api_service_is_hardened():
     api = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]
     assert api["read_only"] is True

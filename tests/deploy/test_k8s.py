@@ -95,6 +95,8 @@ def test_the_pods_run_the_service_as_its_settings_and_routes_expect(
     assert (env.get("SENTIMENT_DEVICE") == "cuda") == (gpus == "1")
     if gpus:
         env["SENTIMENT_DEVICE"] = "cpu"  # checked against the node's CUDA at start, not here
+    else:  # one inference worker per torch thread: as many as the pod's CPUs, not the node's
+        assert env["SENTIMENT_TORCH_THREADS"] == container["resources"]["limits"]["cpu"]
     # The environment is a valid configuration of the service (a typo here would stop the pod).
     settings = Settings(**{k.removeprefix("SENTIMENT_").lower(): v for k, v in env.items()})
     assert container["ports"][0]["containerPort"] == settings.port
