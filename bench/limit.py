@@ -293,8 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime = ModelRuntime.load(args.bundle, args.device, args.dtype)
     on_gpu = runtime.device.type == "cuda"
     if args.short:
-        test = load_imdb(args.data, args.cache_dir)["test"]
-        texts = short_reviews([t for t in test.texts if t.strip()])
+        texts = short_reviews(load_imdb(args.data, args.cache_dir)["test"].texts)
     else:
         texts, _ = load_reviews(args.data, args.reviews, seed=0, cache_dir=args.cache_dir)
     seqs = [e.ids for e in runtime.preprocess(texts)]

@@ -170,9 +170,9 @@ def _measure(
             if name.startswith("ours"):
                 # Bytes on the GPU after the whole sweep (null on a CPU) and the batches it ran
                 # side by side: its /info says.
-                info = httpx.get(server.url.removesuffix("/predict") + "/info", timeout=10)
-                measured["cuda_memory"] = info.json()["cuda_memory"]
-                measured["inference_workers"] = info.json()["batching"]["inference_workers"]
+                info = httpx.get(server.url.removesuffix("/predict") + "/info", timeout=10).json()
+                measured["cuda_memory"] = info["cuda_memory"]
+                measured["inference_workers"] = info["batching"]["inference_workers"]
         measured_all[name] = measured
     return measured_all
 

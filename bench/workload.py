@@ -26,8 +26,9 @@ class Workload:
 
 
 def short_reviews(texts: list[str], count: int = 200) -> list[str]:
-    """The first ``count`` reviews of at most ``SHORT_WORDS`` words: the short-review requests."""
-    return [t for t in texts if len(t.split()) <= SHORT_WORDS][:count]
+    """The first ``count`` non-empty reviews of at most ``SHORT_WORDS`` words: the short-review
+    requests."""
+    return [t for t in texts if t.strip() and len(t.split()) <= SHORT_WORDS][:count]
 
 
 def _write(path: Path, bodies: list[object]) -> Path:

@@ -48,8 +48,9 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         model = runtime or ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
         workers = inference_workers(settings, model)
         if model.device.type == "cpu":
-            # torch's thread count is process-wide, so only a lone worker can change it per
-            # batch; side by side, each worker keeps its share of the threads.
+            # Side by side, each worker keeps its share of the threads (a batch on more would
+            # take cores another worker's batch is using); a lone worker may take one thread
+            # for a small batch and all for a large one.
             share = max(1, torch.get_num_threads() // workers)
             small = settings.small_batch_texts if workers == 1 else 0
             model.threads = TorchThreads(share, small)

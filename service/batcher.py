@@ -242,7 +242,8 @@ class DynamicBatcher:
             self._wakeup.set()
             if task.cancelled() or task.exception() is not None:
                 log.error(
-                    "a batch task failed", exc_info=None if task.cancelled() else task.exception()
+                    "an inference task failed",
+                    exc_info=None if task.cancelled() else task.exception(),
                 )
                 error = ServiceError(ErrorType.BACKEND, "inference failed; see the server log")
                 for waiter in waiters:
