@@ -7,6 +7,7 @@ and the CPU levers measured the same way (threads, length grouping, int8 dynamic
     python -m bench.limit models/imdb-bigru --dtype int8 --batch-sizes 1,8,64 --workers-lever
     python -m bench.limit models/imdb-bigru --dtype int8 --batch-sizes 64 --batch-spread
     python -m bench.limit models/imdb-bigru --dtype int8 --threads 1 --batch-sizes 1 --short
+    python -m bench.limit models/imdb-bigru --device cuda --batch-sizes 64,512 --cudnn-layout-lever
 
 Reviews keep their real length spread (tokenised and cut by the bundle's own rules). Two orders
 are timed per batch size: ``random`` (batches as requests arrive) and ``grouped`` (reviews
@@ -200,6 +201,25 @@ def int8_lever(
     return {"reviews": len(seqs), "accuracy": accuracy, "throughput": rows}
 
 
+def cudnn_layout_lever(
+    runtime: ModelRuntime, seqs: list[np.ndarray], batch_sizes: list[int], min_seconds: float
+) -> list[dict[str, Any]]:
+    """On CUDA: the served model (recurrent weights flattened at load, ``bundle.
+    flatten_rnn_weights``) against ``model.pt`` as ``torch.jit.load`` leaves it, whose weights
+    cuDNN copies together at every call (pytorch/pytorch#19053). Arrival order."""
+    as_loaded = torch.jit.load(str(runtime.bundle.folder / bundle.MODEL_FILE), runtime.device)
+    as_loaded = as_loaded.eval().to(dtype=bundle.DTYPES[runtime.precision])
+    rows = []
+    for batch_size in batch_sizes:
+        for layout, model in (("flattened", runtime.model), ("as-loaded", as_loaded)):
+            rate = throughput(runtime, seqs, batch_size, min_seconds, model)
+            rows.append(
+                {"layout": layout, "batch_size": batch_size, "reviews_per_s": round(rate, 1)}
+            )
+            print(f"  {layout:<9} batch {batch_size:>4}  {rate:9.1f} reviews/s", flush=True)
+    return rows
+
+
 def add_dtype_option(parser: argparse.ArgumentParser, default: str, help: str) -> None:
     """``--dtype``: the precisions ``SENTIMENT_DTYPE`` takes."""
     parser.add_argument("--dtype", choices=("auto", *bundle.PRECISIONS), default=default, help=help)
@@ -286,6 +306,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="time the benchmark's short reviews (the short-review requests' texts) instead",
     )
+    parser.add_argument(
+        "--cudnn-layout-lever",
+        action="store_true",
+        help="on CUDA, also time each batch size with the recurrent weights as loaded (not "
+        "flattened for cuDNN)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -321,6 +347,11 @@ def main(argv: list[str] | None = None) -> None:
             else None
         ),
         "batch_spread": batch_spread(runtime, seqs) if args.batch_spread else None,
+        "cudnn_layout": (
+            cudnn_layout_lever(runtime, seqs, batch_sizes, args.min_seconds)
+            if args.cudnn_layout_lever and on_gpu
+            else None
+        ),
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

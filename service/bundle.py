@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tokenizers import Tokenizer
+from torch.backends.cudnn import rnn as cudnn_rnn
 
 MODEL_FILE = "model.pt"
 TOKENIZER_FILE = "tokenizer.json"
@@ -321,7 +322,48 @@ def load(
         return Bundle(folder, card, served, tokenizer, torch_device, precision, model)
     if precision != "float32":
         model = model.to(dtype=DTYPES[precision])
+    if torch_device.type == "cuda":
+        flatten_rnn_weights(model)
     return Bundle(folder, card, model, tokenizer, torch_device, precision, model)
+
+
+RNN_MODULES = ("RNN", "LSTM", "GRU")
+
+
+def flatten_rnn_weights(model: torch.jit.ScriptModule) -> int:
+    """Put each recurrent layer's weights into one contiguous CUDA buffer, as cuDNN wants them;
+    returns how many layers were flattened. ``torch.jit.load`` leaves every weight in its own
+    tensor, and cuDNN then copies them into a scratch buffer at every call, warning "RNN module
+    weights are not part of single contiguous chunk of memory" (pytorch/pytorch#19053). A
+    scripted RNN has no ``flatten_parameters``, so this does what it does, on the tensors the
+    scripted forward reads (``_flat_weights``): the op allocates the buffer and re-points each
+    tensor at its slice in place."""
+    flattened = 0
+    with torch.no_grad():
+        for module in model.modules():
+            rnn: Any = module  # a scripted module: its attributes are known at run time only
+            if getattr(rnn, "original_name", None) not in RNN_MODULES:
+                continue
+            weights = list(rnn._flat_weights)
+            first = weights[0]
+            if not (first.is_cuda and torch.backends.cudnn.is_acceptable(first)):
+                continue
+            if len({w.data_ptr() for w in weights}) != len(weights):
+                continue  # aliased weights: cuDNN's copying path is the only correct one
+            per_layer = (4 if rnn.bias else 2) + (1 if rnn.proj_size > 0 else 0)
+            torch._cudnn_rnn_flatten_weight(
+                weights,
+                per_layer,
+                rnn.input_size,
+                cudnn_rnn.get_cudnn_mode(rnn.mode),
+                rnn.hidden_size,
+                rnn.proj_size,
+                rnn.num_layers,
+                rnn.batch_first,
+                bool(rnn.bidirectional),
+            )
+            flattened += 1
+    return flattened
 
 
 def _load_int8(folder: Path, card: Card, device: torch.device) -> torch.jit.ScriptModule:

@@ -4,6 +4,7 @@ refusal names its file: an operator fixes the bundle from that message alone).""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from service import bundle
 from service.bundle import BundleError
 from service.runtime import ModelRuntime, TorchThreads
 from tests.service.conftest import corrupt_model_file, oversize_tokenizer
@@ -166,6 +168,44 @@ def test_cuda_answers_match_cpu(trained_bundle: Path):
     # recurrent steps: up to 3.1e-4 on logits near 4 on an H100 (2026-11-24). A wrong weight or
     # a lost direction moves logits by whole units.
     np.testing.assert_allclose(gpu.infer(seqs), cpu.infer(seqs), rtol=0, atol=1e-3)
+
+
+def test_flattening_recurrent_weights_leaves_a_cpu_model_alone(runtime: ModelRuntime):
+    """cuDNN's layout is for CUDA only; on a CPU the loader must not touch the weights."""
+    before = [p.clone() for p in runtime.model.parameters()]
+    assert bundle.flatten_rnn_weights(runtime.model) == 0
+    for old, new in zip(before, runtime.model.parameters(), strict=True):
+        assert torch.equal(old, new)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_recurrent_weights_are_flattened_for_cudnn(trained_bundle: Path):
+    """pytorch/pytorch#19053: a scripted RNN loaded onto CUDA keeps each weight in its own
+    tensor and cuDNN copies them together at every call. If this fails, every batch on a GPU
+    pays that copy again (and the warning is back in the log), or flattening changed answers."""
+    as_loaded = torch.jit.load(str(trained_bundle / "model.pt"), map_location="cuda").eval()
+    gpu = ModelRuntime.load(trained_bundle, "cuda")
+    ids, lengths = bundle.pad([e.ids for e in gpu.preprocess(TEXTS)])
+    ids, lengths = ids.cuda(), lengths.cuda()
+    was_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # the warning is issued once per process otherwise
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as before:
+            warnings.simplefilter("always")
+            expected = as_loaded(ids, lengths)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as after:
+            warnings.simplefilter("always")
+            served = gpu.model(ids, lengths)
+    finally:
+        torch.set_warn_always(was_always)
+    # The check can fail: the model as loaded does warn.
+    assert any("single contiguous chunk" in str(w.message) for w in before)
+    assert not [w for w in after if "single contiguous chunk" in str(w.message)]
+    rnns = [m for m in gpu.model.modules() if m.original_name in bundle.RNN_MODULES]
+    assert len(rnns) >= 2
+    assert bundle.flatten_rnn_weights(gpu.model) == len(rnns)  # again: nothing changes
+    torch.testing.assert_close(served, expected, rtol=0, atol=1e-6)
 
 
 def explain(runtime: ModelRuntime, ids: np.ndarray, steps: int, chunk_tokens: int = 4096):
