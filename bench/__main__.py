@@ -41,6 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--torch-pip-args", default="", help="extra pip arguments for torch")
     parser.add_argument(
+        "--peer-python",
+        action="append",
+        default=[],
+        metavar="PEER=PYTHON",
+        help="a Python that already has PEER installed, used instead of creating its virtual "
+        "environment (a machine with no package index); repeatable",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="cpu, cuda or cuda:N: where every server and the limit run"
     )
     add_dtype_option(parser, "auto", "as SENTIMENT_DTYPE; every server serves what it resolves to")
@@ -52,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         "judges the targets on their medians",
     )
     args = parser.parse_args(argv)
+    peer_pythons = dict(choice.partition("=")[::2] for choice in args.peer_python)
+    if not all(peer_pythons.values()):
+        parser.error("--peer-python takes PEER=PYTHON")
     if not wrk_available():
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
@@ -70,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         plan=plan,
         peers=tuple(p for p in args.peers.split(",") if p),
         torch_pip_args=shlex.split(args.torch_pip_args),
+        peer_pythons={peer: Path(python) for peer, python in peer_pythons.items()},
         command=command,
         device=args.device,
         dtype=args.dtype,

@@ -16,6 +16,12 @@
 #   PYTHONPATH=/tmp/site:. bash bench/gpu_sitting.sh "$OUT" .gpu-data/aclImdb_v1.tar.gz
 # The service sweep also needs wrk there (step 6 fails without it; the rest goes on): carry
 # /usr/bin/wrk and its libluajit-5.1.so.2 and put them on PATH / LD_LIBRARY_PATH.
+# The peers run when PEERS names them (e.g. PEERS=litserve) from a Python that has them:
+# PEER_ARGS="--peer-python litserve=$(command -v python3)" with LitServe's wheels (litserve,
+# pyzmq, httptools, watchfiles, websockets: .whl-peer/, 2 MB) installed beside the service's.
+# TorchServe does not fit a call: its Java frontend (45 MB) and a JRE (260 MB) exceed the
+# 64 MiB a call carries.
+# BENCH_DTYPES (default "float32 float16") picks the sweeps' dtypes.
 # To fit one 10-minute call: BENCH_ARGS=--quick (4-second points) and SOAK_SECONDS=120; to
 # take again only some steps after a failed one: STEPS="gpu-tests evaluate bench soak".
 #
@@ -30,6 +36,10 @@
 #      need their own CUDA venvs, so they are a separate call when the machine allows it)
 #   7. a soak on CUDA (5 minutes unless SOAK_SECONDS) at 0.8x of saturation: host and CUDA
 #      memory (needs wrk)
+#   8. cudnn: the served model (recurrent weights flattened for cuDNN at load) against model.pt
+#      as torch.jit.load leaves it (pytorch/pytorch#19053)
+#   9. front-ends: 1, 2 and 4 service processes sharing the GPU, each under its own load
+#  10. image: the CUDA image's contents run without Docker (deploy/gpu_image_contents.sh)
 set -uo pipefail
 out=${1:?usage: bench/gpu_sitting.sh OUT [DATA]}
 data=${2:-../shared/data/aclImdb_v1.tar.gz}
@@ -37,7 +47,9 @@ py=${PYTHON:-python3}
 bundle=models/imdb-bigru
 bench_args=${BENCH_ARGS:-}
 soak_seconds=${SOAK_SECONDS:-300}
-steps=" ${STEPS:-machine gpu-tests evaluate limit tokenize bench soak} "
+steps=" ${STEPS:-machine gpu-tests evaluate limit tokenize bench soak cudnn front-ends image} "
+peers=${PEERS:-}
+peer_args=${PEER_ARGS:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 
@@ -66,12 +78,18 @@ for dtype in float32 float16 bfloat16; do
 done
 step tokenize "$py" -m bench.tokenize "$bundle" --data "$data" --cache-dir "$out/cache" \
     --workers 1,2,4,8,12 --json "$out/tokenize.json"
-step bench-float32 "$py" -m bench --device cuda --peers "" $bench_args --data "$data" \
-    --out "$out/bench-float32"
-step bench-float16 "$py" -m bench --device cuda --dtype float16 --peers "" $bench_args \
-    --data "$data" --out "$out/bench-float16"
+for dtype in ${BENCH_DTYPES:-float32 float16}; do
+    step "bench-$dtype" "$py" -m bench --device cuda --dtype "$dtype" --peers "$peers" \
+        $peer_args $bench_args --data "$data" --out "$out/bench-$dtype"
+done
 SENTIMENT_DEVICE=cuda SENTIMENT_MAX_BATCH_SIZE=512 SENTIMENT_MAX_QUEUE_TEXTS=1536 \
     SENTIMENT_TOKENIZATION_WORKERS=4 step soak "$py" -m bench.reliability soak --seconds "$soak_seconds" \
     --calibrate 30 --data "$data" --json "$out/soak.json"
+step cudnn "$py" -m bench.limit "$bundle" --data "$data" --cache-dir "$out/cache" --device cuda \
+    --batch-sizes 1,64,512,1024 --reviews 4096 --min-seconds 2 --cudnn-layout-lever \
+    --json "$out/cudnn.json"
+step front-ends "$py" -m bench.front_ends --data "$data" --cache-dir "$out/cache" \
+    --processes 1,2,4 --seconds 6 --json "$out/front-ends.json"
+step image bash deploy/gpu_image_contents.sh "$py"
 rm -rf "$out/cache"
 echo "[$(date -u +%H:%M:%S)] done: $out" | tee -a "$out/summary.txt"

@@ -70,6 +70,7 @@ class Options:
     cache_dir: Path = Path(".cache")  # where the IMDb data is read and cached
     peers: tuple[str, ...] = ("litserve", "torchserve")
     torch_pip_args: list[str] = field(default_factory=list)
+    peer_pythons: dict[str, Path] = field(default_factory=dict)  # instead of their venvs
     peer_max_wait_ms: float = 2.0  # their batch timeout; ours runs with its own default
     command: str = ""
     device: str = "cpu"  # where every server and the in-process limit run
@@ -134,7 +135,9 @@ def _peers(
     configs: list[tuple[str, ServerFactory]] = []
     versions = {}
     for peer in options.peers:
-        python = servers.peer_python(wd / "venvs", peer, options.torch_pip_args)
+        python = options.peer_pythons.get(peer) or servers.peer_python(
+            wd / "venvs", peer, options.torch_pip_args
+        )
         versions[peer] = servers.describe_peer(python, peer)
         folder = wd / peer
         if peer == "litserve":

@@ -3,7 +3,9 @@ the tiny exported bundle, and one miniature sitting of the whole suite."""
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import limit, reliability, report, servers, tokenize
+from bench import front_ends, limit, reliability, report, servers, suite, tokenize
+from bench.__main__ import main as bench_main
 from bench.loadgen import run_wrk, wrk_available
 from bench.suite import FULL, GPU, Options, Plan, run
 from bench.workload import SHORT_WORDS, short_reviews
@@ -283,3 +286,56 @@ def test_the_limit_on_short_reviews_and_side_by_side_workers(
     lever = [(r["workers"], r["threads_each"], r["batch_size"]) for r in result["workers"]]
     assert lever == sorted({(1, cores, 1), (cores, 1, 1)})
     assert all(r["reviews_per_s"] > 0 for r in result["workers"])
+
+
+def test_a_peer_python_given_is_used_instead_of_a_new_venv(tmp_path: Path):
+    # On a machine with no package index (the lent GPU machines) the peers run from a Python
+    # that already has them. If this fails, the sitting tries to pip install there and stops.
+    options = Options(
+        tmp_path / "bundle",
+        "",
+        tmp_path / "out",
+        tmp_path / "work",
+        FULL,
+        peers=("litserve",),
+        peer_pythons={"litserve": Path(sys.executable)},
+    )
+    configs, versions = suite._peers(options, PROBE, threads=None, workers=1)
+    assert [name for name, _ in configs] == ["litserve"]
+    factory = configs[0][1]
+    assert isinstance(factory, functools.partial)
+    assert factory.args[0] == Path(sys.executable)
+    assert not (tmp_path / "work" / "venvs").exists()
+    assert versions["litserve"].startswith("litserve ")
+    with pytest.raises(SystemExit) as refused:
+        bench_main(["--peer-python", "litserve"])
+    assert refused.value.code == 2
+
+
+@pytest.mark.slow
+@needs_wrk
+def test_front_ends_sum_what_several_service_processes_answer(
+    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
+):
+    # bench.front_ends on the CPU: N real `python -m service` processes, each under its own wrk,
+    # their answers summed per row. If this fails, the GPU sitting's front-end rows (the
+    # ceiling several processes reach on one GPU) cannot be taken or are summed wrongly.
+    out = tmp_path / "front-ends.json"
+    args = ["--bundle", str(trained_bundle), "--data", str(imdb_tarball), "--device", "cpu"]
+    args += ["--cache-dir", str(tmp_path), "--processes", "1,2", "--clients", "2"]
+    args += ["--batched-clients", "1", "--texts", "1,4", "--seconds", "1", "--reviews", "16"]
+    front_ends.main([*args, "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["processes"], r["texts_per_request"]) for r in rows] == [
+        (1, 1),
+        (2, 1),
+        (1, 4),
+        (2, 4),
+    ]
+    assert [r["clients_each"] for r in rows] == [2, 2, 1, 1]
+    for row in rows:
+        assert row["not_200"] == 0
+        assert row["texts_per_s"] == pytest.approx(
+            row["requests_per_s"] * row["texts_per_request"], rel=0.01
+        )
+        assert row["requests_per_s"] > 0
