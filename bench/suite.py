@@ -83,6 +83,9 @@ class Options:
             # threads as docker-compose.gpu.yml gives it.
             env["SENTIMENT_MAX_QUEUE_TEXTS"] = str(3 * self.plan.max_batch_size)
             env["SENTIMENT_TOKENIZATION_WORKERS"] = "4"
+            # Four processes in front of the GPU, as docker-compose.gpu.yml runs them: one
+            # process's event loop cannot feed it (docs/benchmarks.md, "GPU").
+            env["SENTIMENT_PROCESSES"] = "4"
         return env
 
 

@@ -71,6 +71,7 @@ import json, sys
 info, answer, metrics = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 assert info["device"].startswith("cuda"), info["device"]
 assert info["batching"]["max_batch_size"] == 512, info["batching"]
+assert info["batching"]["processes"] == 4, info["batching"]
 top = [max(scores, key=lambda s: s["score"])["label"] for scores in answer]
 assert top == ["POSITIVE", "NEGATIVE"], answer
 gauges = [l for l in metrics.splitlines() if l.startswith("sentiment_cuda_memory_bytes{")]

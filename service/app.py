@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.errors import ErrorType, ServiceError
-from service.metrics import Metrics
+from service.metrics import Metrics, multiprocess_dir
 from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_response
 from service.pipeline import Predictor
 from service.reload import Reloader, model_labels
@@ -35,6 +35,27 @@ from service.routes import STATIC_DIR, admin_router, router
 from service.runtime import ModelRuntime, TorchThreads
 
 log = logging.getLogger("service")
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s"
+    )
+
+
+def process_app() -> FastAPI:
+    """One of ``SENTIMENT_PROCESSES`` processes: uvicorn calls this in each process it starts
+    (``python -m service`` has checked the settings and the bundle before starting them); the
+    lifespan loads the model."""
+    settings = Settings()
+    configure_logging(settings)
+    return create_app(settings)
+
+
+async def _sample_every(sample: Callable[[], None], seconds: float) -> None:
+    while True:
+        sample()
+        await asyncio.sleep(seconds)
 
 
 def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = None) -> FastAPI:
@@ -70,8 +91,11 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         await batcher.start()
         predictor = Predictor(model, batcher, settings, metrics)
         metrics.model_info.labels(*model_labels(model)).set(1)
+        sampler = None
         if model.device.type == "cuda":
             metrics.watch_cuda_memory(model.cuda_memory)
+            if multiprocess_dir():
+                sampler = asyncio.create_task(_sample_every(metrics.sample_cuda_memory, 5.0))
         reloader = Reloader(predictor, settings, metrics)
         # SIGHUP reloads the model; a signal handler can only be set from the main thread
         # (python -m service), not where a test runs the app in a thread of its own.
@@ -92,12 +116,15 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         try:
             yield
         finally:
+            if sampler is not None:
+                sampler.cancel()
             if on_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
             app.state.predictor = None
             app.state.reloader = None
             await batcher.stop()  # answers everything already queued first
             predictor.close()
+            metrics.process_exited()
             log.info("batcher drained and stopped")
 
     app = FastAPI(

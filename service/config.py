@@ -77,6 +77,14 @@ class Settings(BaseSettings):
         description="most of the inference workers' time explanations take while predictions "
         "wait (with none waiting they take all of it)",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="service processes sharing the port, each with its own model, batcher and "
+        "tokenising pool (uvicorn's workers): for a GPU, whose work one process's event loop "
+        "cannot keep up with; on a CPU one process batches best",
+    )
     torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
     inference_workers: int | None = Field(
         None,
@@ -175,6 +183,11 @@ class Settings(BaseSettings):
             if not keys:
                 raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
             self.api_keys = [*self.api_keys, *map(SecretStr, keys)]
+        if self.admin_reload and self.processes > 1:
+            raise ValueError(
+                "admin_reload reloads the one process a request reaches; with processes > 1 "
+                "send SIGHUP to the parent process, which replaces the processes one by one"
+            )
         if self.admin_reload and (not self.api_keys or ADMIN_RELOAD in self.auth_exempt_paths):
             raise ValueError(
                 "admin_reload serves POST /admin/reload only behind API keys: set api_keys "

@@ -1,16 +1,21 @@
 """Prometheus metrics, all named ``sentiment_*``, in a registry per app (so several apps, e.g.
 in tests, never share counters).
 
-One worker process per container: the dynamic batcher gathers concurrent requests inside one
-process, so several uvicorn workers would each hold a model and split the traffic they could
-batch together. Scale out with containers; each is scraped on its own.
+One process per container by default: the dynamic batcher gathers concurrent requests inside
+one process, and several processes split the traffic they could batch together. On a GPU one
+process's event loop cannot feed the device, so ``SENTIMENT_PROCESSES`` runs several; then
+prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``python -m service``
+before it starts them) keeps every value in a file per process, and a scrape of any process
+sums them: counters and histograms add up, queue depths and CUDA memory are summed over the
+live processes, the model's info is one series.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 PREFIX = "sentiment"
 CUDA_MEMORY_KINDS = ("allocated", "reserved", "peak")
@@ -36,10 +41,16 @@ _SECONDS = (
 )
 
 
+def multiprocess_dir() -> str | None:
+    """Where the processes' metric files are, when several processes serve (else None)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._read_cuda: Callable[[], dict[str, int] | None] | None = None
 
         def seconds(name: str, description: str, labels: tuple[str, ...] = ()) -> Histogram:
             return Histogram(f"{PREFIX}_{name}", description, labels, buckets=_SECONDS, registry=r)
@@ -66,7 +77,12 @@ class Metrics:
             buckets=_TOKEN_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Texts waiting for a batch", registry=r)
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth",
+            "Texts waiting for a batch",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.explain_queue_duration = seconds(
             "explain_queue_duration_seconds",
             "Time an explanation waits before its first chunk runs",
@@ -76,7 +92,10 @@ class Metrics:
             "Model time per explanation (its chunks, forward and backward, summed)",
         )
         self.explain_queue_depth = Gauge(
-            f"{PREFIX}_explain_queue_depth", "Explanations queued or running", registry=r
+            f"{PREFIX}_explain_queue_depth",
+            "Explanations queued or running",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.inputs = Counter(f"{PREFIX}_inputs", "Texts accepted for inference", registry=r)
         self.inputs_truncated = Counter(
@@ -99,6 +118,7 @@ class Metrics:
             "The served model (value is always 1)",
             ["name", "version", "device", "dtype"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         # Read at each scrape; only a service on CUDA has samples here.
         self.cuda_memory = Gauge(
@@ -107,13 +127,42 @@ class Metrics:
             "peak allocated since start",
             ["kind"],
             registry=r,
+            multiprocess_mode="livesum",
         )
 
     def watch_cuda_memory(self, read: Callable[[], dict[str, int] | None]) -> None:
-        """Report ``read()``'s allocated, reserved and peak bytes at every scrape."""
+        """Report ``read()``'s allocated, reserved and peak bytes at every scrape. With several
+        processes a scrape reads the files, not this process: ``sample_cuda_memory`` then
+        writes them, called at every scrape and every few seconds (a process that no scrape
+        reaches still reports)."""
+        if multiprocess_dir():
+            self._read_cuda = read
+            self.sample_cuda_memory()
+            return
 
         def reader(kind: str) -> Callable[[], float]:
             return lambda: float((read() or {}).get(kind, 0))
 
         for kind in CUDA_MEMORY_KINDS:
             self.cuda_memory.labels(kind).set_function(reader(kind))
+
+    def sample_cuda_memory(self) -> None:
+        if self._read_cuda is None:
+            return
+        memory = self._read_cuda() or {}
+        for kind in CUDA_MEMORY_KINDS:
+            self.cuda_memory.labels(kind).set(float(memory.get(kind, 0)))
+
+    def exposition_registry(self) -> CollectorRegistry:
+        """What a scrape reads: this app's registry, or every process's files."""
+        if not multiprocess_dir():
+            return self.registry
+        self.sample_cuda_memory()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+
+    def process_exited(self) -> None:
+        """Drop this process's live gauges from the sums (it has stopped serving)."""
+        if multiprocess_dir():
+            multiprocess.mark_process_dead(os.getpid())

@@ -175,7 +175,7 @@ async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 async def prometheus_metrics(metrics: MetricsDep) -> Response:
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(metrics.exposition_registry()), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _client_gone(request: Request) -> None:

@@ -208,6 +208,7 @@ class BatchSettings(BaseModel):
     request_timeout_s: float
     auto_truncate: bool
     inference_workers: int = Field(description="batches the model runs side by side")
+    processes: int = Field(description="service processes sharing the port, each its own batcher")
 
 
 class ExplainSettings(BaseModel):

@@ -215,6 +215,7 @@ def test_a_gpu_sitting_starts_our_server_for_the_gpu(tmp_path: Path):
         "SENTIMENT_DTYPE": "float16",
         "SENTIMENT_MAX_QUEUE_TEXTS": "1536",
         "SENTIMENT_TOKENIZATION_WORKERS": "4",
+        "SENTIMENT_PROCESSES": "4",
     }
     assert options("cpu", FULL).ours_env() == {
         "SENTIMENT_DEVICE": "cpu",

@@ -4,6 +4,7 @@ in a thread of the test process, or as its own `python -m service` process."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -95,6 +96,7 @@ def service_process(bundle: Path, **env: str) -> Iterator[tuple[subprocess.Popen
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: what it started goes with it
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -111,7 +113,7 @@ def service_process(bundle: Path, **env: str) -> Iterator[tuple[subprocess.Popen
         yield process, url
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
 
 
