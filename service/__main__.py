@@ -34,7 +34,7 @@ def main() -> int:
     from pydantic import ValidationError
 
     from service.app import configure_logging, create_app
-    from service.bundle import BundleError
+    from service.bundle import BundleError, resolve_device
     from service.config import Settings
     from service.runtime import ModelRuntime
 
@@ -52,12 +52,14 @@ def main() -> int:
     allocator.report(settings.allocator)
     several = settings.processes > 1
     try:
-        # Several processes: checked here on the CPU, loaded by each process on its device.
-        runtime = ModelRuntime.load(
-            settings.bundle_dir,
-            "cpu" if several else settings.device,
-            "float32" if several and settings.device != "cpu" else settings.dtype,
-        )
+        if several:
+            # Checked here on the CPU (the precision the processes will serve where that is
+            # the CPU too); each process loads the model on its device.
+            on_cpu = resolve_device(settings.device).type == "cpu"
+            dtype = settings.dtype if on_cpu else "float32"
+            runtime = ModelRuntime.load(settings.bundle_dir, "cpu", dtype)
+        else:
+            runtime = ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
     except BundleError as exc:
         print(f"error: cannot serve: {exc}", file=sys.stderr)
         return EXIT_BUNDLE
