@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.mmap_dict import MmapedDict
 from pydantic import ValidationError
 
 from service.config import Settings
@@ -36,6 +37,22 @@ def wait_for_children(parent: int, count: int, timeout_s: float = 60) -> list[in
         assert time.monotonic() < deadline, f"{len(children)} serving processes, not {count}"
         time.sleep(0.2)
     return children
+
+
+def predictions_by_process(metrics_dir: Path) -> dict[int, float]:
+    """/predict answers counted in each process's own metric file, by pid (processes that
+    answered none are left out)."""
+    counts = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        answered = sum(
+            value
+            for key, value, *_ in MmapedDict.read_all_values_from_file(str(path))
+            if json.loads(key)[1] == "sentiment_requests_total"
+            and json.loads(key)[2].get("route") == "/predict"
+        )
+        if answered:
+            counts[int(path.stem.removeprefix("counter_"))] = answered
+    return counts
 
 
 async def post_all(url: str, count: int) -> list[httpx.Response]:
@@ -65,10 +82,11 @@ def test_processes_share_the_port_and_report_one_set_of_metrics(trained_bundle: 
             answers = asyncio.run(post_all(url, 32))
             sent += len(answers)
             assert {a.status_code for a in answers} == {200}
-            writers = {f.name for f in metrics_dir.glob("counter_*.db")}
-            if len(writers) == PROCESSES:
+            answered = predictions_by_process(metrics_dir)
+            if len(answered) == PROCESSES:
                 break
-        assert {f"counter_{pid}.db" for pid in children} == writers  # both processes answered
+        assert set(answered) == set(children)  # both processes answered some
+        assert sum(answered.values()) == sent
         expected = expected_scores(trained_bundle)
         scores = [dict((s["label"], s["score"]) for s in t)["POSITIVE"] for t in answers[0].json()]
         assert scores == pytest.approx(expected, abs=1e-5)
