@@ -106,13 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reviews", type=int, default=2048)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    # As docker-compose.gpu.yml configures one process.
-    env = {
-        "SENTIMENT_MAX_BATCH_SIZE": "512",
-        "SENTIMENT_MAX_BATCH_TOKENS": "409600",
-        "SENTIMENT_MAX_QUEUE_TEXTS": "1536",
-        "SENTIMENT_TOKENIZATION_WORKERS": "4",
-    }
+    # Each process as docker-compose.gpu.yml configures one; the processes here are separate
+    # servers, each under its own load, so none runs processes of its own.
+    env = servers.gpu_compose_env() | {"SENTIMENT_PROCESSES": "1"}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

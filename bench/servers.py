@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import torch
+import yaml
 
 from service.bundle import CARD_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
 
@@ -177,6 +178,15 @@ def ours(
     command = [sys.executable, "-m", "service"]
     with _serve(name, command, f"http://127.0.0.1:{port}/predict", env, workdir, probe) as s:
         yield s
+
+
+def gpu_compose_env() -> dict[str, str]:
+    """The service settings ``docker-compose.gpu.yml`` gives the api container (batch and token
+    budget, queue, tokenising threads, processes): a GPU sitting serves ours with exactly these,
+    so its figures are the deployment's."""
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.gpu.yml").read_text())
+    environment = compose["services"]["api"]["environment"]
+    return {k: str(v) for k, v in environment.items() if k != "SENTIMENT_DEVICE"}
 
 
 def peer_python(venv_root: Path, peer: str, torch_pip_args: list[str]) -> Path:

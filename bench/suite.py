@@ -79,13 +79,8 @@ class Options:
     def ours_env(self) -> dict[str, str]:
         env = {"SENTIMENT_DEVICE": self.device, "SENTIMENT_DTYPE": self.dtype}
         if self.device != "cpu":
-            # Room for two batches queued behind the running one, and tokenising on as many
-            # threads as docker-compose.gpu.yml gives it.
-            env["SENTIMENT_MAX_QUEUE_TEXTS"] = str(3 * self.plan.max_batch_size)
-            env["SENTIMENT_TOKENIZATION_WORKERS"] = "4"
-            # Four processes in front of the GPU, as docker-compose.gpu.yml runs them: one
-            # process's event loop cannot feed it (docs/benchmarks.md, "GPU").
-            env["SENTIMENT_PROCESSES"] = "4"
+            # As deployed on a GPU: batches, queue, tokenising threads and processes.
+            env |= servers.gpu_compose_env()
         return env
 
 

@@ -137,7 +137,6 @@ class Metrics:
         reaches still reports)."""
         if multiprocess_dir():
             self._read_cuda = read
-            self.sample_cuda_memory()
             return
 
         def reader(kind: str) -> Callable[[], float]:

@@ -205,14 +205,19 @@ def test_a_miniature_sitting_writes_the_report(
 
 
 def test_a_gpu_sitting_starts_our_server_for_the_gpu(tmp_path: Path):
-    # Ours in a GPU sitting: on the device, in the dtype, with its queue three batches deep
-    # and tokenising on four threads (docker-compose.gpu.yml's settings); on a CPU, as shipped.
+    # Ours in a GPU sitting: on the device, in the dtype, with docker-compose.gpu.yml's
+    # settings (batches of 512 under its token budget, the queue three batches deep, four
+    # tokenising threads, four processes); on a CPU, as shipped. The sittings of 2026-11-24 ran
+    # without the token budget (32,768 padded tokens cut batches of long reviews at ~140 texts):
+    # this catches a sitting that serves other settings than the deployment.
     def options(device: str, plan: Plan) -> Options:
         return Options(tmp_path, "", tmp_path, tmp_path, plan, device=device, dtype="float16")
 
     assert options("cuda", GPU).ours_env() == {
         "SENTIMENT_DEVICE": "cuda",
         "SENTIMENT_DTYPE": "float16",
+        "SENTIMENT_MAX_BATCH_SIZE": "512",
+        "SENTIMENT_MAX_BATCH_TOKENS": "409600",
         "SENTIMENT_MAX_QUEUE_TEXTS": "1536",
         "SENTIMENT_TOKENIZATION_WORKERS": "4",
         "SENTIMENT_PROCESSES": "4",
