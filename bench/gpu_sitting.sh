@@ -82,9 +82,12 @@ for dtype in ${BENCH_DTYPES:-float32 float16}; do
     step "bench-$dtype" "$py" -m bench --device cuda --dtype "$dtype" --peers "$peers" \
         $peer_args $bench_args --data "$data" --out "$out/bench-$dtype"
 done
-SENTIMENT_DEVICE=cuda SENTIMENT_MAX_BATCH_SIZE=512 SENTIMENT_MAX_QUEUE_TEXTS=1536 \
-    SENTIMENT_TOKENIZATION_WORKERS=4 step soak "$py" -m bench.reliability soak --seconds "$soak_seconds" \
-    --calibrate 30 --data "$data" --json "$out/soak.json"
+(  # the service as docker-compose.gpu.yml configures it (its file read by the bench)
+    export SENTIMENT_DEVICE=cuda $("$py" -c 'from bench.servers import gpu_compose_env as e
+print(" ".join(f"{k}={v}" for k, v in e().items()))')
+    step soak "$py" -m bench.reliability soak --seconds "$soak_seconds" --calibrate 30 \
+        --data "$data" --json "$out/soak.json"
+)
 step cudnn "$py" -m bench.limit "$bundle" --data "$data" --cache-dir "$out/cache" --device cuda \
     --batch-sizes 1,64,512,1024 --reviews 4096 --min-seconds 2 --cudnn-layout-lever \
     --json "$out/cudnn.json"
