@@ -8,6 +8,7 @@ and the CPU levers measured the same way (threads, length grouping, int8 dynamic
     python -m bench.limit models/imdb-bigru --dtype int8 --batch-sizes 64 --batch-spread
     python -m bench.limit models/imdb-bigru --dtype int8 --threads 1 --batch-sizes 1 --short
     python -m bench.limit models/imdb-bigru --device cuda --batch-sizes 64,512 --cudnn-layout-lever
+    python -m bench.limit models/imdb-bigru --dtype int8 --threads 1 --batch-sizes 64 --cost-model
 
 Reviews keep their real length spread (tokenised and cut by the bundle's own rules). Two orders
 are timed per batch size: ``random`` (batches as requests arrive) and ``grouped`` (reviews
@@ -220,6 +221,45 @@ def cudnn_layout_lever(
     return rows
 
 
+def cost_model(
+    runtime: ModelRuntime,
+    seqs: list[np.ndarray],
+    batch_sizes: list[int],
+    min_seconds: float,
+) -> dict[str, Any]:
+    """The batcher's cost model (``service.batcher.BatchCost``) fitted to this machine: batches
+    of ``n`` reviews all cut to ``T`` tokens, timed, then ``time = a*T + b*T*n + c`` by least
+    squares. ``step_texts = a / b`` is what SENTIMENT_BATCH_STEP_TEXTS sets; ``c / a`` is the
+    call's cost in steps (the batcher takes it as ``BatchCost.CALL_STEPS``)."""
+    sizes = sorted({1, 2, 4, 8, 16, 32, *batch_sizes})
+    longest = runtime.truncation.max_length  # 400 for the shipped model: 50, 200 and 400
+    rows = []
+    for length in sorted({max(1, longest // 8), max(1, longest // 2), longest}):
+        long_enough = [s[:length] for s in seqs if len(s) >= length] or [np.ones(length, np.int64)]
+        for size in sizes:
+            batch = [long_enough[i % len(long_enough)] for i in range(size)]
+            ids, lens = bundle.pad(batch)
+            calls, started = 0, time.perf_counter()
+            with torch.no_grad():
+                while calls < 2 or time.perf_counter() - started < min_seconds:
+                    runtime.model(ids.to(runtime.device), lens.to(runtime.device))
+                    calls += 1
+            seconds = (time.perf_counter() - started) / calls
+            rows.append({"tokens": length, "texts": size, "ms": round(seconds * 1e3, 3)})
+            print(f"  cost  {size:>4} texts x {length:>4} tokens  {seconds * 1e3:9.2f} ms")
+    design = np.array([[r["tokens"], r["tokens"] * r["texts"], 1.0] for r in rows])
+    (a, b, c), *_ = np.linalg.lstsq(design, np.array([r["ms"] for r in rows]) / 1e3, rcond=None)
+    fit = {
+        "step_us": round(a * 1e6, 2),
+        "text_step_us": round(b * 1e6, 2),
+        "call_ms": round(c * 1e3, 3),
+        "step_texts": round(a / b, 2),
+        "call_steps": round(c / a, 1),
+    }
+    print(f"  cost model: step_texts {fit['step_texts']}, call_steps {fit['call_steps']} ({fit})")
+    return {"batches": rows, "fit": fit}
+
+
 def add_dtype_option(parser: argparse.ArgumentParser, default: str, help: str) -> None:
     """``--dtype``: the precisions ``SENTIMENT_DTYPE`` takes."""
     parser.add_argument("--dtype", choices=("auto", *bundle.PRECISIONS), default=default, help=help)
@@ -312,6 +352,12 @@ def main(argv: list[str] | None = None) -> None:
         help="on CUDA, also time each batch size with the recurrent weights as loaded (not "
         "flattened for cuDNN)",
     )
+    parser.add_argument(
+        "--cost-model",
+        action="store_true",
+        help="also fit the batcher's cost model (SENTIMENT_BATCH_STEP_TEXTS) to batches of equal "
+        "lengths up to the largest batch size; run with --threads 1 for a CPU worker's view",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -350,6 +396,11 @@ def main(argv: list[str] | None = None) -> None:
         "cudnn_layout": (
             cudnn_layout_lever(runtime, seqs, batch_sizes, args.min_seconds)
             if args.cudnn_layout_lever and on_gpu
+            else None
+        ),
+        "cost_model": (
+            cost_model(runtime, seqs, batch_sizes, min(args.min_seconds, 1.0))
+            if args.cost_model
             else None
         ),
     }

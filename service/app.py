@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batcher import DynamicBatcher
+from service.batcher import BatchCost, DynamicBatcher
 from service.config import Settings
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics, multiprocess_dir
@@ -33,6 +33,9 @@ from service.pipeline import Predictor
 from service.reload import Reloader, model_labels
 from service.routes import STATIC_DIR, admin_router, router
 from service.runtime import ModelRuntime, TorchThreads
+
+# The default cost model on a CPU: `python -m bench.limit --cost-model` (docs/benchmarks.md).
+CPU_STEP_TEXTS = 3.0
 
 log = logging.getLogger("service")
 
@@ -86,6 +89,7 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
             max_jobs=settings.explain_max_queue,
             job_share=settings.explain_share,
             workers=workers,
+            cost=batch_cost(settings, model),
             metrics=metrics,
         )
         await batcher.start()
@@ -172,6 +176,15 @@ def inference_workers(settings: Settings, model: ModelRuntime) -> int:
     if settings.inference_workers:
         return settings.inference_workers
     return torch.get_num_threads() if model.device.type == "cpu" else 1
+
+
+def batch_cost(settings: Settings, model: ModelRuntime) -> BatchCost | None:
+    """The setting (0: no cost model), else 3 texts a step on a CPU (measured: on one thread
+    a step costs about 3 texts' worth however few the batch holds) and none on CUDA."""
+    step_texts = settings.batch_step_texts
+    if step_texts is None:
+        step_texts = CPU_STEP_TEXTS if model.device.type == "cpu" else 0
+    return BatchCost(step_texts) if step_texts > 0 else None
 
 
 def _register_errors(app: FastAPI, metrics: Metrics, paths: frozenset[str]) -> None:

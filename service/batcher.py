@@ -4,12 +4,17 @@ A batch closes when ``max_batch_size`` texts wait or when the oldest waiting tex
 ``max_wait_s`` (measured with ``time.monotonic()``). Each round takes the oldest texts (up to
 four batches' worth), sorts them by length and cuts them into batches bounded by both the text
 count and the padded-token budget, so short texts are not padded to a long neighbour's length.
+With a ``BatchCost`` (the model's time as a function of a batch's texts and padded length) the
+cuts are the ones that make the round's estimated time least; without one, batches are as full
+as the bounds allow. A round is cut into at least as many batches as workers are free, so an
+idle worker never watches another run the whole queue. Only as many batches as workers are free
+start, the one holding the oldest text first; the rest go back to the head of the queue and are
+sorted again with what arrives meanwhile, so long texts wait for long company rather than pad a
+batch of short ones, and no text waits behind more than one queue's worth of newer ones.
 Inference runs in ``workers`` threads, never on the event loop: with more than one, batches run
 side by side (Triton's model instances), which on a CPU with one torch thread per worker beats
-one batch on all threads (docs/benchmarks.md, "CPU levers"). A round's batches go to workers as
-they free up; a round is cut into at least as many batches as workers are free, so an idle
-worker never watches another run the whole queue. Whatever happens, every waiting future is
-answered: with a result, a timeout, or the error that stopped its batch.
+one batch on all threads (docs/benchmarks.md, "CPU levers"). Whatever happens, every waiting
+future is answered: with a result, a timeout, or the error that stopped its batch.
 
 Each text carries the model function that is to score it (the one whose tokenizer read it): a
 batch holds texts of one model only, so when the service swaps models (a reload), texts queued
@@ -35,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -47,6 +52,22 @@ log = logging.getLogger(__name__)
 InferFn = Callable[[list[np.ndarray]], np.ndarray]
 ROUND_BATCHES = 4
 PREDICTIONS_IDLE_S = 0.1
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """The model's time for a batch, in units of one text's step: ``n`` texts padded to ``T``
+    tokens cost ``T * (n + step_texts) + CALL_STEPS * step_texts``. ``step_texts`` is what a
+    step costs whatever the batch holds (on a CPU a recurrent step is mostly fixed overhead: on
+    one thread a step of 1 text costs about what 3 more texts add); the call itself costs about
+    as much as ``CALL_STEPS`` such steps. Measured by ``python -m bench.limit --cost-model``."""
+
+    step_texts: float
+
+    CALL_STEPS: ClassVar[float] = 16.0
+
+    def __call__(self, texts: int, longest: int) -> float:
+        return longest * (texts + self.step_texts) + self.CALL_STEPS * self.step_texts
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,40 @@ class _Pending:
     deadline: float
 
 
+def full_cuts(spans: Sequence[int]) -> list[int]:
+    """Where batches end (exclusive) when texts sorted by length fill each batch as far as
+    they may: ``spans[j]`` is how many texts a batch whose longest is text ``j`` may hold."""
+    ends: list[int] = []
+    for j, span in enumerate(spans):
+        start = ends[-1] if ends else 0
+        if j > start and j - start + 1 > span:  # text j, the longest yet, would overfill it
+            ends.append(j)
+    return [*ends, len(spans)] if spans else []
+
+
+def least_cost_cuts(spans: Sequence[int], lengths: Sequence[int], cost: BatchCost) -> list[int]:
+    """Where batches end (exclusive) so that the estimated time of all of them is least, for
+    texts sorted by length (``lengths``) under the same bounds as ``full_cuts``: a shortest
+    path over the cut points, O(texts x span)."""
+    # best[j]: the least time for the first j texts, the last batch starting at cut_at[j]. With
+    # its end fixed, a batch's cost is linear in where it starts: hence the vector form.
+    best = np.zeros(len(lengths) + 1)
+    cut_at = [0] * (len(lengths) + 1)
+    starts = np.arange(len(lengths) + 1, dtype=np.float64)
+    for j in range(1, len(lengths) + 1):
+        longest, lo = lengths[j - 1], max(0, j - spans[j - 1])
+        candidates = best[lo:j] - longest * starts[lo:j]
+        at = int(candidates.argmin())
+        cut_at[j] = lo + at
+        best[j] = candidates[at] + cost(j, longest)
+    ends: list[int] = []
+    j = len(lengths)
+    while j > 0:
+        ends.append(j)
+        j = cut_at[j]
+    return ends[::-1]
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -104,6 +159,7 @@ class DynamicBatcher:
         max_jobs: int = 8,
         job_share: float = 0.25,
         workers: int = 1,
+        cost: BatchCost | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         if not 0 < job_share <= 1:
@@ -118,6 +174,7 @@ class DynamicBatcher:
         self.max_jobs = max_jobs
         self.job_share = job_share
         self.workers = workers
+        self.cost = cost
         self._metrics = metrics or Metrics()
         self._pending: deque[_Pending] = deque()
         self._jobs: deque[_QueuedJob] = deque()
@@ -216,7 +273,9 @@ class DynamicBatcher:
             while self._running:  # draining: what the workers hold is answered before we stop
                 await self._wait_for_wakeup()
         finally:
-            # Only reached with work left if the loop itself failed: answer it anyway.
+            # Only reached with work left if the loop itself failed: answer it anyway, and
+            # refuse what comes after (a 503 at once, not a wait for a loop that is gone).
+            self._accepting = False
             stopped = ServiceError(ErrorType.UNAVAILABLE, "the batcher stopped")
             waiters: list[_Pending | _QueuedJob] = [*self._pending, *self._jobs]
             for waiter in waiters:
@@ -265,35 +324,38 @@ class DynamicBatcher:
                 return
 
     def _next_round(self) -> list[list[_Pending]]:
+        """The batches to start now, one per free worker at most; the rest of the round goes
+        back to the head of the queue."""
         take = min(len(self._pending), self.max_batch_size * ROUND_BATCHES)
         free_workers = max(1, self.workers - len(self._running))
         window = [self._pending.popleft() for _ in range(take)]
-        self._metrics.queue_depth.set(len(self._pending))
         # A cancelled text's request gave up (client gone, or deadline passed): skip it. The
         # request's own error answer is what gets counted.
         live = [item for item in window if not item.future.cancelled()]
-        live.sort(key=lambda item: len(item.ids))
         # Spread a small round over the free workers: on a CPU two half batches side by side
         # finish well before one whole batch (each worker has its own core).
-        per_batch = min(self.max_batch_size, max(1, -(-len(live) // free_workers)))
+        most = min(self.max_batch_size, max(1, -(-len(live) // free_workers)))
         by_model: dict[InferFn, list[_Pending]] = {}  # a batch never mixes models
         for item in live:
             by_model.setdefault(item.infer, []).append(item)
         batches: list[list[_Pending]] = []
         for items in by_model.values():
-            current: list[_Pending] = []
-            for item in items:
-                longest = max(len(item.ids), 1)  # sorted: the newcomer is the longest
-                if current and (
-                    len(current) == per_batch
-                    or (len(current) + 1) * longest > self.max_batch_tokens
-                ):
-                    batches.append(current)
-                    current = []
-                current.append(item)
-            if current:
-                batches.append(current)
-        return batches
+            items.sort(key=lambda item: len(item.ids))
+            batches.extend(self._cut(items, most))
+        batches.sort(key=lambda batch: min(item.enqueued for item in batch))
+        start, wait = batches[:free_workers], batches[free_workers:]
+        # The oldest first: those left are all older than anything still queued.
+        self._pending.extendleft(sorted((i for b in wait for i in b), key=lambda i: -i.enqueued))
+        self._metrics.queue_depth.set(len(self._pending))
+        return start
+
+    def _cut(self, items: list[_Pending], most: int) -> list[list[_Pending]]:
+        """Texts sorted by length cut into batches of at most ``most`` texts within the token
+        budget: as full as the bounds allow, or where the cost model's total is least."""
+        lengths = [max(len(item.ids), 1) for item in items]
+        spans = [max(1, min(most, self.max_batch_tokens // length)) for length in lengths]
+        ends = least_cost_cuts(spans, lengths, self.cost) if self.cost else full_cuts(spans)
+        return [items[start:end] for start, end in zip([0, *ends], ends, strict=False)]
 
     def _predictions_busy(self) -> bool:
         recent = time.monotonic() - self._last_prediction < PREDICTIONS_IDLE_S

@@ -101,6 +101,17 @@ class Settings(BaseSettings):
         description="CPU, one inference worker: batches of at most this many texts run on one "
         "torch thread, larger ones on torch_threads (0: all on torch_threads)",
     )
+    # 3 measured for this model on one thread per worker (docs/benchmarks.md, "CPU levers").
+    batch_step_texts: float | None = Field(
+        None,
+        ge=0,
+        le=4096,
+        description="the batcher's cost model: what one step of the recurrent network costs "
+        "whatever the batch holds, in texts' worth (python -m bench.limit --cost-model measures "
+        "it); each round is cut where the estimated model time is least, so long texts batch "
+        "with long ones. Default: 3 on a CPU, off on CUDA (where a batch's size costs little); "
+        "0: off, batches as full as max_batch_size and max_batch_tokens allow",
+    )
     tokenization_workers: int = Field(
         1,
         ge=1,

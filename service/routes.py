@@ -157,6 +157,8 @@ async def ready(_: PredictorDep) -> HealthResponse:
 async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
     batching = settings.model_dump(include=set(BatchSettings.model_fields))
     batching["inference_workers"] = predictor.batcher.workers  # the setting, resolved
+    cost = predictor.batcher.cost
+    batching["batch_step_texts"] = cost.step_texts if cost else 0.0
     explanations = settings.model_dump(include=set(ExplainSettings.model_fields))
     return InfoResponse(
         model=predictor.runtime.card.summary(),

@@ -208,6 +208,9 @@ class BatchSettings(BaseModel):
     request_timeout_s: float
     auto_truncate: bool
     inference_workers: int = Field(description="batches the model runs side by side")
+    batch_step_texts: float = Field(
+        description="the batcher's cost model: a step's fixed cost in texts (0: no cost model)"
+    )
     processes: int = Field(description="service processes sharing the port, each its own batcher")
 
 

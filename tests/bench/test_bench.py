@@ -294,6 +294,23 @@ def test_the_limit_on_short_reviews_and_side_by_side_workers(
     assert all(r["reviews_per_s"] > 0 for r in result["workers"])
 
 
+def test_the_cost_model_is_fitted_to_timed_batches(
+    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
+):
+    # What SENTIMENT_BATCH_STEP_TEXTS's default was measured with: if the fit stopped reading
+    # its timings, the documented figure could not be taken again.
+    out = tmp_path / "limit.json"
+    args = [str(trained_bundle), "--data", str(imdb_tarball), "--cache-dir", str(tmp_path)]
+    args += ["--batch-sizes", "8", "--reviews", "64", "--min-seconds", "0.05", "--cost-model"]
+    limit.main([*args, "--json", str(out)])
+    cost = json.loads(out.read_text())["cost_model"]
+    shapes = {(r["tokens"], r["texts"]) for r in cost["batches"]}
+    assert shapes == {(t, n) for t in (4, 16, 32) for n in (1, 2, 4, 8, 16, 32)}
+    assert all(r["ms"] > 0 for r in cost["batches"])
+    fit = cost["fit"]
+    assert fit["step_texts"] == pytest.approx(fit["step_us"] / fit["text_step_us"], rel=0.01)
+
+
 def test_a_peer_python_given_is_used_instead_of_a_new_venv(tmp_path: Path):
     # On a machine with no package index (the lent GPU machines) the peers run from a Python
     # that already has them. If this fails, the sitting tries to pip install there and stops.

@@ -14,7 +14,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import bundle
-from service.app import create_app
+from service.app import CPU_STEP_TEXTS, create_app
 from service.config import Settings
 from service.routes import get_settings
 from service.runtime import ModelRuntime
@@ -255,6 +255,8 @@ def test_health_ready_info_and_docs(server: RunningServer, trained_bundle: Path)
     assert info["batching"]["max_batch_size"] == 64
     # On a CPU one inference worker per torch thread by default (batches side by side).
     assert info["batching"]["inference_workers"] == torch.get_num_threads()
+    # On a CPU the batcher cuts rounds by the cost model by default.
+    assert info["batching"]["batch_step_texts"] == CPU_STEP_TEXTS
     assert httpx.get(f"{server.url}/docs").status_code == 200
     spec = httpx.get(f"{server.url}/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service import batcher as batcher_module
-from service.batcher import DynamicBatcher, InferFn
+from service.batcher import BatchCost, DynamicBatcher, InferFn, full_cuts, least_cost_cuts
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 
@@ -497,3 +497,110 @@ def test_stop_with_two_workers_answers_every_batch_in_flight():
 
     assert run(scenario()) == [float(i + 1) for i in range(9)]
     assert sorted(n for batch in model.batches for n in batch) == list(range(1, 10))
+
+
+def _batches(ends: list[int]) -> list[tuple[int, int]]:
+    return list(zip([0, *ends], ends, strict=False))
+
+
+def test_least_cost_cuts_find_the_cheapest_way_to_cut_a_sorted_round():
+    """If this fails, the cost model's cuts are not the cheapest (the batcher pads more than it
+    needs to) or break the bounds: every partition of small rounds is tried by brute force."""
+    rng = np.random.default_rng(0)
+    cost = BatchCost(step_texts=3.0)
+    for _ in range(200):
+        lengths = sorted(int(n) for n in rng.integers(1, 400, size=int(rng.integers(1, 9))))
+        spans = [max(1, min(4, 1200 // n)) for n in lengths]
+        every = [
+            [*(i + 1 for i in range(len(lengths) - 1) if mask >> i & 1), len(lengths)]
+            for mask in range(2 ** (len(lengths) - 1))
+        ]
+        allowed = [e for e in every if all(b - a <= spans[b - 1] for a, b in _batches(e))]
+        totals = [sum(cost(b - a, lengths[b - 1]) for a, b in _batches(e)) for e in allowed]
+        ends = least_cost_cuts(spans, lengths, cost)
+        assert ends in allowed
+        assert totals[allowed.index(ends)] == pytest.approx(min(totals))
+        assert full_cuts(spans) in allowed
+
+
+def test_a_cost_model_batches_long_texts_apart_from_short_ones_oldest_first():
+    """If this fails, SENTIMENT_BATCH_STEP_TEXTS no longer keeps short texts from being padded
+    to a long neighbour's length, or the batch holding the oldest text no longer goes first."""
+
+    async def scenario(cost: BatchCost | None) -> list[list[int]]:
+        model = RecordingModel()
+        batcher = make(model, max_wait_s=0, cost=cost)
+        await batcher.start()
+        deadline = time.monotonic() + 10
+        futures = batcher.submit([seq(400)] * 4, deadline) + batcher.submit([seq(10)] * 4, deadline)
+        results = await asyncio.gather(*futures)
+        await batcher.stop()
+        assert [r.logit for r in results] == [400.0] * 4 + [10.0] * 4
+        return model.batches
+
+    assert run(scenario(BatchCost(3.0))) == [[400] * 4, [10] * 4]
+    assert run(scenario(None)) == [[10] * 4 + [400] * 4]  # no cost model: as full as allowed
+
+
+class GatedModel(RecordingModel):
+    """Its first batch holds until ``release`` is set; ``started`` says it has begun."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+        if not self.started.is_set():
+            self.started.set()
+            self.release.wait(10)
+        return super().__call__(seqs)
+
+
+def test_texts_left_for_a_later_batch_are_sorted_again_with_newcomers():
+    """If this fails, the batches of a round that find no free worker run as they were cut,
+    and long texts cannot wait for long company that arrives while the worker is busy."""
+    model = GatedModel()
+
+    async def scenario() -> None:
+        batcher = make(model, max_wait_s=0, cost=BatchCost(3.0))
+        await batcher.start()
+        deadline = time.monotonic() + 10
+        first = batcher.submit([seq(10)] * 4 + [seq(400)] * 2, deadline)
+        await asyncio.to_thread(model.started.wait, 10)  # the short texts hold the worker
+        assert batcher.depth == 2  # the two long ones went back to the queue
+        later = batcher.submit([seq(400, 2)] * 2, deadline)
+        model.release.set()
+        results = await asyncio.gather(*first, *later)
+        await batcher.stop()
+        assert [r.logit for r in results] == [10.0] * 4 + [400.0] * 2 + [800.0] * 2
+
+    run(scenario())
+    assert model.batches == [[10] * 4, [400] * 4]  # not [400, 400] twice
+
+
+def test_a_batcher_whose_loop_fails_answers_and_refuses_rather_than_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """If this fails, a bug in the batcher's loop leaves requests waiting out their deadline
+    for a loop that is gone, instead of a 503 at once."""
+
+    def broken_round(self: DynamicBatcher) -> list[Any]:
+        raise RuntimeError("a bug in the batching loop (simulated)")
+
+    monkeypatch.setattr(DynamicBatcher, "_next_round", broken_round)
+
+    async def scenario() -> None:
+        batcher = make(RecordingModel(), max_wait_s=0)
+        await batcher.start()
+        [future] = batcher.submit([seq(3)], time.monotonic() + 10)
+        with pytest.raises(ServiceError) as waited:
+            await asyncio.wait_for(future, timeout=5)
+        assert waited.value.error_type is ErrorType.UNAVAILABLE
+        with pytest.raises(ServiceError) as refused:
+            batcher.submit([seq(3)], time.monotonic() + 10)
+        assert refused.value.error_type is ErrorType.UNAVAILABLE
+        with pytest.raises(RuntimeError, match="simulated"):
+            await batcher.stop()
+
+    run(scenario())
