@@ -10,7 +10,8 @@ as the bounds allow. A round is cut into at least as many batches as workers are
 idle worker never watches another run the whole queue. Only as many batches as workers are free
 start, the one holding the oldest text first; the rest go back to the head of the queue and are
 sorted again with what arrives meanwhile, so long texts wait for long company rather than pad a
-batch of short ones, and no text waits behind more than one queue's worth of newer ones.
+batch of short ones. A text goes back once at most: in its next round its batch runs, after
+the ones started first, so under a backlog no text waits more than two rounds.
 Inference runs in ``workers`` threads, never on the event loop: with more than one, batches run
 side by side (Triton's model instances), which on a CPU with one torch thread per worker beats
 one batch on all threads (docs/benchmarks.md, "CPU levers"). Whatever happens, every waiting
@@ -111,6 +112,7 @@ class _Pending:
     future: asyncio.Future[ItemResult]
     enqueued: float
     deadline: float
+    deferred: bool = False  # went back to the queue once already
 
 
 def full_cuts(spans: Sequence[int]) -> list[int]:
@@ -343,11 +345,17 @@ class DynamicBatcher:
             items.sort(key=lambda item: len(item.ids))
             batches.extend(self._cut(items, most))
         batches.sort(key=lambda batch: min(item.enqueued for item in batch))
-        start, wait = batches[:free_workers], batches[free_workers:]
-        # The oldest first: those left are all older than anything still queued.
-        self._pending.extendleft(sorted((i for b in wait for i in b), key=lambda i: -i.enqueued))
+        start, rest = batches[:free_workers], batches[free_workers:]
+        # A text goes back once at most: a batch holding one that already did runs in this
+        # round, after those started now, so under a backlog no text waits more than two rounds.
+        due = [batch for batch in rest if any(item.deferred for item in batch)]
+        back = [item for batch in rest if not any(i.deferred for i in batch) for item in batch]
+        for item in back:
+            item.deferred = True
+        # The oldest first: those going back are all older than anything still queued.
+        self._pending.extendleft(sorted(back, key=lambda item: -item.enqueued))
         self._metrics.queue_depth.set(len(self._pending))
-        return start
+        return start + due
 
     def _cut(self, items: list[_Pending], most: int) -> list[list[_Pending]]:
         """Texts sorted by length cut into batches of at most ``most`` texts within the token

@@ -604,3 +604,46 @@ def test_a_batcher_whose_loop_fails_answers_and_refuses_rather_than_hanging(
             await batcher.stop()
 
     run(scenario())
+
+
+class SteppedModel(RecordingModel):
+    """Each batch says it has started (``started``) and then holds until the test lets it go
+    (``go``): the test decides what arrives while a batch runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
+
+    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+        self.started.release()
+        self.go.acquire(timeout=10)
+        return super().__call__(seqs)
+
+
+def test_a_text_goes_back_to_the_queue_once_at_most():
+    """If this fails, texts left for a later batch can be passed over round after round by
+    newcomers of a better length: under a backlog their wait, the latency tail, has no bound."""
+    model = SteppedModel()
+
+    async def scenario() -> None:
+        batcher = make(model, max_wait_s=0, cost=BatchCost(3.0))
+        await batcher.start()
+        deadline = time.monotonic() + 10
+        futures = []
+        for length in (10, 100, 400):  # three batches by the cost model; the 10s are oldest
+            futures += batcher.submit([seq(length)] * 4, deadline)
+        await asyncio.to_thread(model.started.acquire, timeout=10)  # the 10s run
+        futures += batcher.submit([seq(100)] * 4, deadline)  # company for the waiting 100s
+        model.go.release()
+        await asyncio.to_thread(model.started.acquire, timeout=10)  # the eight 100s run
+        futures += batcher.submit([seq(400)] * 4, deadline)  # company the 400s must not wait for
+        for _ in range(3):
+            model.go.release()
+        results = await asyncio.gather(*futures)
+        await batcher.stop()
+        expected = [10.0] * 4 + [100.0] * 4 + [400.0] * 4 + [100.0] * 4 + [400.0] * 4
+        assert [r.logit for r in results] == expected
+
+    run(scenario())
+    assert model.batches == [[10] * 4, [100] * 8, [400] * 4, [400] * 4]
