@@ -247,14 +247,17 @@ def cost_model(
             seconds = (time.perf_counter() - started) / calls
             rows.append({"tokens": length, "texts": size, "ms": round(seconds * 1e3, 3)})
             print(f"  cost  {size:>4} texts x {length:>4} tokens  {seconds * 1e3:9.2f} ms")
+    # Relative errors, not absolute: else the largest batches alone would set the fit.
+    timed = np.array([r["ms"] for r in rows], dtype=np.float64) / 1e3
     design = np.array([[r["tokens"], r["tokens"] * r["texts"], 1.0] for r in rows])
-    (a, b, c), *_ = np.linalg.lstsq(design, np.array([r["ms"] for r in rows]) / 1e3, rcond=None)
+    ones = np.ones(len(rows), dtype=np.float64)
+    (a, b, c), *_ = np.linalg.lstsq(design / timed[:, None], ones, rcond=None)
     fit = {
-        "step_us": round(a * 1e6, 2),
-        "text_step_us": round(b * 1e6, 2),
-        "call_ms": round(c * 1e3, 3),
-        "step_texts": round(a / b, 2),
-        "call_steps": round(c / a, 1),
+        "step_us": round(float(a) * 1e6, 2),
+        "text_step_us": round(float(b) * 1e6, 2),
+        "call_ms": round(float(c) * 1e3, 3),
+        "step_texts": round(float(a / b), 2),
+        "call_steps": round(float(c / a), 1),
     }
     print(f"  cost model: step_texts {fit['step_texts']}, call_steps {fit['call_steps']} ({fit})")
     return {"batches": rows, "fit": fit}

@@ -60,8 +60,10 @@ class BatchCost:
     """The model's time for a batch, in units of one text's step: ``n`` texts padded to ``T``
     tokens cost ``T * (n + step_texts) + CALL_STEPS * step_texts``. ``step_texts`` is what a
     step costs whatever the batch holds (on a CPU a recurrent step is mostly fixed overhead: on
-    one thread a step of 1 text costs about what 3 more texts add); the call itself costs about
-    as much as ``CALL_STEPS`` such steps. Measured by ``python -m bench.limit --cost-model``."""
+    one thread a step of 1 text costs what 3 to 6 more texts add; ``python -m bench.limit
+    --cost-model`` fits it). ``CALL_STEPS`` is a batch's cost outside its steps: in-process the
+    fit finds it near zero, but in the server each batch also pays a thread hop, padding and
+    its answers, and it keeps the cuts from making batches of a text or two."""
 
     step_texts: float
 
@@ -326,8 +328,8 @@ class DynamicBatcher:
                 return
 
     def _next_round(self) -> list[list[_Pending]]:
-        """The batches to start now, one per free worker at most; the rest of the round goes
-        back to the head of the queue."""
+        """This round's batches: one per free worker, then any holding a text that went back
+        once already (they wait for workers); the rest of the round goes back to the queue."""
         take = min(len(self._pending), self.max_batch_size * ROUND_BATCHES)
         free_workers = max(1, self.workers - len(self._running))
         window = [self._pending.popleft() for _ in range(take)]
