@@ -229,8 +229,9 @@ def cost_model(
 ) -> dict[str, Any]:
     """The batcher's cost model (``service.batcher.BatchCost``) fitted to this machine: batches
     of ``n`` reviews all cut to ``T`` tokens, timed, then ``time = a*T + b*T*n + c`` by least
-    squares. ``step_texts = a / b`` is what SENTIMENT_BATCH_STEP_TEXTS sets; ``c / a`` is the
-    call's cost in steps (the batcher takes it as ``BatchCost.CALL_STEPS``)."""
+    squares. ``step_texts = a / b`` is what SENTIMENT_BATCH_STEP_TEXTS sets; ``c / a`` is a
+    call's cost outside its steps, in steps (``BatchCost.CALL_STEPS`` also covers the server's
+    work per batch, which this does not see)."""
     sizes = sorted({1, 2, 4, 8, 16, 32, *batch_sizes})
     longest = runtime.truncation.max_length  # 400 for the shipped model: 50, 200 and 400
     rows = []

@@ -542,35 +542,35 @@ def test_a_cost_model_batches_long_texts_apart_from_short_ones_oldest_first():
     assert run(scenario(None)) == [[10] * 4 + [400] * 4]  # no cost model: as full as allowed
 
 
-class GatedModel(RecordingModel):
-    """Its first batch holds until ``release`` is set; ``started`` says it has begun."""
+class SteppedModel(RecordingModel):
+    """Each batch says it has started (``started``) and then holds until the test lets it go
+    (``go``): the test decides what arrives while a batch runs."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.started = threading.Event()
-        self.release = threading.Event()
+        self.started = threading.Semaphore(0)
+        self.go = threading.Semaphore(0)
 
     def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
-        if not self.started.is_set():
-            self.started.set()
-            self.release.wait(10)
+        self.started.release()
+        self.go.acquire(timeout=10)
         return super().__call__(seqs)
 
 
 def test_texts_left_for_a_later_batch_are_sorted_again_with_newcomers():
     """If this fails, the batches of a round that find no free worker run as they were cut,
     and long texts cannot wait for long company that arrives while the worker is busy."""
-    model = GatedModel()
+    model = SteppedModel()
 
     async def scenario() -> None:
         batcher = make(model, max_wait_s=0, cost=BatchCost(3.0))
         await batcher.start()
         deadline = time.monotonic() + 10
         first = batcher.submit([seq(10)] * 4 + [seq(400)] * 2, deadline)
-        await asyncio.to_thread(model.started.wait, 10)  # the short texts hold the worker
+        await asyncio.to_thread(model.started.acquire, timeout=10)  # the short ones run
         assert batcher.depth == 2  # the two long ones went back to the queue
         later = batcher.submit([seq(400, 2)] * 2, deadline)
-        model.release.set()
+        model.go.release(2)
         results = await asyncio.gather(*first, *later)
         await batcher.stop()
         assert [r.logit for r in results] == [10.0] * 4 + [400.0] * 2 + [800.0] * 2
@@ -604,21 +604,6 @@ def test_a_batcher_whose_loop_fails_answers_and_refuses_rather_than_hanging(
             await batcher.stop()
 
     run(scenario())
-
-
-class SteppedModel(RecordingModel):
-    """Each batch says it has started (``started``) and then holds until the test lets it go
-    (``go``): the test decides what arrives while a batch runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.started = threading.Semaphore(0)
-        self.go = threading.Semaphore(0)
-
-    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
-        self.started.release()
-        self.go.acquire(timeout=10)
-        return super().__call__(seqs)
 
 
 def test_a_text_goes_back_to_the_queue_once_at_most():
