@@ -239,13 +239,7 @@ def cost_model(
         long_enough = [s[:length] for s in seqs if len(s) >= length] or [np.ones(length, np.int64)]
         for size in sizes:
             batch = [long_enough[i % len(long_enough)] for i in range(size)]
-            ids, lens = bundle.pad(batch)
-            calls, started = 0, time.perf_counter()
-            with torch.no_grad():
-                while calls < 2 or time.perf_counter() - started < min_seconds:
-                    runtime.model(ids.to(runtime.device), lens.to(runtime.device))
-                    calls += 1
-            seconds = (time.perf_counter() - started) / calls
+            seconds = size / throughput(runtime, batch, size, min_seconds)  # one batch, repeated
             rows.append({"tokens": length, "texts": size, "ms": round(seconds * 1e3, 3)})
             print(f"  cost  {size:>4} texts x {length:>4} tokens  {seconds * 1e3:9.2f} ms")
     # Relative errors, not absolute: else the largest batches alone would set the fit.
