@@ -62,8 +62,9 @@ class BatchCost:
     step costs whatever the batch holds (on a CPU a recurrent step is mostly fixed overhead: on
     one thread a step of 1 text costs what 3 to 6 more texts add; ``python -m bench.limit
     --cost-model`` fits it). ``CALL_STEPS`` is a batch's cost outside its steps: in-process the
-    fit finds it near zero, but in the server each batch also pays a thread hop, padding and
-    its answers, and it keeps the cuts from making batches of a text or two."""
+    fit puts it anywhere from 0 to 25 steps (four runs, within their noise), in the server each
+    batch also pays a thread hop, padding and its answers, and it keeps the cuts from making
+    batches of a text or two."""
 
     step_texts: float
 
