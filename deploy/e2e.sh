@@ -19,6 +19,8 @@
 # PROMETHEUS_PORT, MIRROR (Debian mirror for debootstrap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=deploy/dockerd.sh
+. deploy/dockerd.sh
 
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 TORCH_WHEEL_DIR=${TORCH_WHEEL_DIR:-/opt/wheels}
@@ -54,12 +56,8 @@ install_tools() {
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
   fi
-  if ! docker info >/dev/null 2>&1; then
-    log "starting dockerd"
-    (setsid dockerd >/var/log/dockerd-e2e.log 2>&1 &)
-    for _ in $(seq 60); do docker info >/dev/null 2>&1 && return; sleep 1; done
-    log "dockerd did not start"; cat /var/log/dockerd-e2e.log; exit 1
-  fi
+  log "docker daemon"
+  start_dockerd /var/log/dockerd-e2e.log || exit 1
 }
 
 # A Debian root, imported as an image: debootstrap <name> <packages> <docker import --change...>

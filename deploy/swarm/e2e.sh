@@ -11,6 +11,8 @@
 #   sudo bash deploy/swarm/e2e.sh            (REPLICAS, CLIENTS, STACK override the defaults)
 set -euo pipefail
 cd "$(dirname "$0")"
+# shellcheck source=deploy/dockerd.sh
+. ../dockerd.sh
 STACK=${STACK:-sentiment}
 REPLICAS=${REPLICAS:-3}
 CLIENTS=${CLIENTS:-16}
@@ -28,11 +30,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-if ! docker info >/dev/null 2>&1; then
-  log "starting dockerd"
-  (dockerd >/tmp/dockerd-swarm.log 2>&1 &)
-  for _ in $(seq 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
-fi
+log "docker daemon"
+start_dockerd /tmp/dockerd-swarm.log || exit 1
 docker image inspect imdb-sentiment:latest >/dev/null 2>&1 \
   || fail "no imdb-sentiment:latest image: run deploy/e2e.sh first (it builds it)"
 if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != active ]; then
