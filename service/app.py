@@ -32,7 +32,7 @@ from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_respons
 from service.pipeline import Predictor
 from service.reload import Reloader, model_labels
 from service.routes import STATIC_DIR, admin_router, router
-from service.runtime import ModelRuntime, TorchThreads
+from service.runtime import ForkWhenAlone, ModelRuntime, TorchThreads
 
 # The default cost model on a CPU: `python -m bench.limit --cost-model` (docs/benchmarks.md).
 CPU_STEP_TEXTS = 3.0
@@ -94,6 +94,9 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
         )
         await batcher.start()
         predictor = Predictor(model, batcher, settings, metrics)
+        # Only where a batch on one thread leaves a core for the fork.
+        if model.device.type == "cpu" and settings.fork_directions and torch.get_num_threads() > 1:
+            model.fork = ForkWhenAlone(predictor.peak_texts_in_progress)
         metrics.model_info.labels(*model_labels(model)).set(1)
         sampler = None
         if model.device.type == "cuda":

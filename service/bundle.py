@@ -8,7 +8,10 @@ reads it (the service, `training evaluate`, the benchmark and the peer servers i
   logit, right-padded with id ``PAD_ID``; and its two halves, ``embed(ids) -> float32 [batch,
   time, dim]`` and ``forward_embedded(embedded, lengths) -> logits``, so that gradients can be
   taken with respect to the embeddings (explanations). ``forward(ids, lengths)`` equals
-  ``forward_embedded(embed(ids), lengths)``.
+  ``forward_embedded(embed(ids), lengths)``. A bundle exported since 2026-11-25 has a fourth,
+  ``forward_forked(ids, lengths)``: ``forward``'s logits with each recurrent layer's two
+  directions computed at once on two threads (``torch.jit.fork``), which the service uses on a
+  CPU for a batch that has the machine to itself; bundles without it are served by ``forward``.
 - ``tokenizer.json``: the Hugging Face tokenizer (normaliser, pre-tokenizer, vocabulary). It
   returns every token: its own truncation could not keep a text's tail, so the card's rule is
   the only one.
@@ -53,6 +56,7 @@ FILES = (MODEL_FILE, TOKENIZER_FILE, CARD_FILE)
 # 3: model.pt exports embed and forward_embedded; the card is validated (Card).
 FORMAT_VERSION = 3
 ENTRY_POINTS = ("forward", "embed", "forward_embedded")
+FORKED_ENTRY_POINT = "forward_forked"  # optional: bundles exported before 2026-11-25 lack it
 PAD_ID = 0  # right padding; the embedding row of id 0 is zero
 LABELS = ("NEGATIVE", "POSITIVE")  # the logit is POSITIVE's
 # The casts of model.pt a bundle can be served in: its float32 weights, cast once at load. Half

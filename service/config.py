@@ -112,6 +112,12 @@ class Settings(BaseSettings):
         "with long ones. Default: 3 on a CPU, off on CUDA (where a batch's size costs little); "
         "0: off, batches as full as max_batch_size and max_batch_tokens allow",
     )
+    fork_directions: bool = Field(
+        True,
+        description="CPU: a batch that runs while no other does, on one torch thread, computes "
+        "each layer's two directions at once on two threads (the bundle's forward_forked "
+        "entry point, where it has one), so a lone request uses an otherwise idle core",
+    )
     tokenization_workers: int = Field(
         1,
         ge=1,

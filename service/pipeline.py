@@ -86,6 +86,7 @@ class _Admission:
         self.request = request  # what the 413 calls a request
         self.busy = busy  # the 429's message, "{}" the count in progress
         self.count = 0
+        self.peak = 0  # the most in progress at once since ``take_peak`` last asked
 
     @contextmanager
     def admit(self, texts: int) -> Iterator[None]:
@@ -101,10 +102,18 @@ class _Admission:
                 retry_after=1,
             )
         self.count += texts
+        self.peak = max(self.peak, self.count)
         try:
             yield
         finally:
             self.count -= texts
+
+    def take_peak(self) -> int:
+        """The most texts in progress at once since the last call, and a new count from now.
+        Called from inference threads while the event loop admits: a lost update only makes a
+        heuristic (``runtime.ForkWhenAlone``) see a load a moment late."""
+        peak, self.peak = max(self.peak, self.count), self.count
+        return peak
 
 
 class Predictor:
@@ -139,6 +148,11 @@ class Predictor:
 
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=True)
+
+    def peak_texts_in_progress(self) -> int:
+        """The most texts admitted to /predict and not yet answered (tokenising, queued or
+        running) at once since the last call."""
+        return self._predictions.take_peak()
 
     async def predict(
         self,

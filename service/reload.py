@@ -52,7 +52,8 @@ class Reloader:
             s = self.settings
             try:
                 new = await asyncio.to_thread(ModelRuntime.load, s.bundle_dir, s.device, s.dtype)
-                new.threads = self.predictor.runtime.threads  # a serving setting, not the model's
+                old = self.predictor.runtime  # its thread settings are serving settings
+                new.threads, new.fork = old.threads, old.fork
                 if s.warmup:
                     await asyncio.to_thread(new.warmup, (1, s.max_batch_size))
             except Exception as exc:  # a BundleError, or a model that fails on its warm-up

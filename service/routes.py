@@ -159,6 +159,8 @@ async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
     batching["inference_workers"] = predictor.batcher.workers  # the setting, resolved
     cost = predictor.batcher.cost
     batching["batch_step_texts"] = cost.step_texts if cost else 0.0
+    runtime = predictor.runtime
+    batching["fork_directions"] = runtime.fork is not None and runtime.can_fork  # resolved
     explanations = settings.model_dump(include=set(ExplainSettings.model_fields))
     return InfoResponse(
         model=predictor.runtime.card.summary(),

@@ -5,8 +5,10 @@ it directly."""
 from __future__ import annotations
 
 import math
+import threading
 import unicodedata
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -106,7 +108,7 @@ class IntegratedGradients:
             weights = torch.tensor(self._weights[take], dtype=torch.float32, device=device)
             if rt.threads is not None:  # a chunk is a batch of len(alphas) interpolated texts
                 rt.threads.use(len(alphas))
-            with torch.enable_grad():
+            with rt.calls.running(), torch.enable_grad():
                 path = (alphas[:, None, None] * self._embedded).requires_grad_(True)
                 out = model.forward_embedded(path, length.expand(len(alphas)))
                 (gradients,) = torch.autograd.grad(out.float().sum(), path)
@@ -142,6 +144,43 @@ class TorchThreads:
             torch.set_num_threads(want)
 
 
+class Calls:
+    """How many model calls are running now, across the threads that make them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+
+    @contextmanager
+    def running(self) -> Iterator[int]:
+        """Count a call while it runs; yields how many others were running when it began."""
+        with self._lock:
+            others = self._running
+            self._running += 1
+        try:
+            yield others
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+@dataclass(frozen=True)
+class ForkWhenAlone:
+    """When a batch may compute each GRU layer's two directions on two threads (the bundle's
+    ``forward_forked``): when it is all the work there has been. No other model call runs, the
+    batch runs on one torch thread, and since the last model call began the service held no
+    more texts than this batch (``peak_texts_in_service``: the most admitted and not yet
+    answered at once since it was last asked). The second core is idle only then: under a
+    closed loop of even a few clients it is parsing and tokenising their next requests, and a
+    fork there cost 15% at 16 clients (docs/benchmarks.md, "CPU levers")."""
+
+    peak_texts_in_service: Callable[[], int]
+
+    def allows(self, others: int, texts: int) -> bool:
+        peak = self.peak_texts_in_service()  # asked at every call: each starts a new count
+        return others == 0 and torch.get_num_threads() == 1 and peak <= texts
+
+
 class ModelRuntime:
     def __init__(self, loaded: bundle.Bundle) -> None:
         self.bundle = loaded
@@ -158,6 +197,10 @@ class ModelRuntime:
         self.temperature = loaded.card.calibration.temperature
         self.negative, self.positive = loaded.card.labels
         self.threads: TorchThreads | None = None  # None: torch's own setting, whatever the batch
+        self.calls = Calls()
+        self.fork: ForkWhenAlone | None = None  # None: never (the app sets it, on a CPU)
+        forked = getattr(loaded.model, bundle.FORKED_ENTRY_POINT, None)
+        self._forked = forked if loaded.device.type == "cpu" else None
 
     @classmethod
     def load(
@@ -199,11 +242,25 @@ class ModelRuntime:
         if self._pin:
             ids, lengths = ids.pin_memory(), lengths.pin_memory()
         # TorchScript modules reject inference_mode; no_grad is the equivalent here.
-        with torch.no_grad():
-            logits = self.model(
+        with self.calls.running() as others, torch.no_grad():
+            logits = self.entry_point(others, len(seqs))(
                 ids.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
             )
         return logits.float().cpu().numpy()
+
+    def entry_point(
+        self, others: int, texts: int
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The model's ``forward_forked`` where the bundle has it and ``fork`` allows it for a
+        batch of ``texts`` started while ``others`` calls ran; else ``forward``."""
+        if self._forked is not None and self.fork is not None and self.fork.allows(others, texts):
+            return self._forked
+        return self.model
+
+    @property
+    def can_fork(self) -> bool:
+        """Whether the served model has the forked entry point and runs on a CPU."""
+        return self._forked is not None
 
     def explanation(self, ids: np.ndarray, steps: int, chunk_tokens: int) -> IntegratedGradients:
         """An explanation of the logit of ``ids`` (already truncated), to be advanced in chunks
@@ -228,6 +285,11 @@ class ModelRuntime:
         for size in batch_sizes:
             for length in (16, self.truncation.max_length):
                 self.infer([rng.integers(2, vocab, size=length) for _ in range(size)])
+        if self._forked is not None:  # what a lone request runs
+            ids, lengths = bundle.pad([rng.integers(2, vocab, size=16)])
+            with torch.no_grad():
+                for _ in range(2):
+                    self._forked(ids, lengths)
 
     # -- postprocess ------------------------------------------------------------------------
     def postprocess(

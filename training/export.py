@@ -75,6 +75,10 @@ def verify_entry_points(
                 model.forward_embedded(embedded, lengths),
                 exported.forward_embedded(embedded, lengths),
             ),
+            # Against the eager forward: the forked directions must change nothing.
+            bundle.FORKED_ENTRY_POINT: _diff(
+                model(ids, lengths), exported.forward_forked(ids, lengths)
+            ),
         }
     bad = {name: d for name, d in diffs.items() if not d <= TOLERANCE}  # `not <=` catches NaN
     if bad:

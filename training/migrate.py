@@ -2,8 +2,10 @@
 
 Format 2 -> 3: the card is validated by the contract and loses its duplicated fields
 (``max_length``, ``files``), and ``model.pt`` gains the ``embed`` and ``forward_embedded``
-entry points. The network is rebuilt from the card's architecture, loaded with the old file's
-weights, checked to give the old file's logits, and exported as training exports it.
+entry points. A format-3 ``model.pt`` exported before ``forward_forked`` existed gains it.
+The network is rebuilt from the card's architecture, loaded with the old file's weights,
+checked to give the old file's logits, and exported as training exports it. An int8 variant
+was made from the old file, so it is dropped: ``python -m training quantize`` makes it again.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from training.model import SentimentRNN
 
 CHECK_REVIEWS = 64
 # Fields of a format-2 card that format 3 either derives or no longer keeps.
-_DROPPED = ("format_version", "max_length", "files", "export", "labels", "parameters")
+_DROPPED = ("format_version", "max_length", "files", "export", "labels", "parameters", "int8")
 
 
 def migrate(folder: Path, log: Callable[[str], object] = print) -> Path:
@@ -35,16 +37,19 @@ def migrate(folder: Path, log: Callable[[str], object] = print) -> Path:
     except (OSError, ValueError) as exc:
         raise DataError(f"{card_path} is unreadable: {exc}") from exc
     found = card.get("format_version")
-    if found == bundle.FORMAT_VERSION:
-        log(f"{folder} is already format {bundle.FORMAT_VERSION}; nothing to do")
-        return folder
-    if found != 2:
-        raise DataError(f"{card_path} has format_version {found!r}; migrate converts format 2")
+    if found not in (2, bundle.FORMAT_VERSION):
+        raise DataError(
+            f"{card_path} has format_version {found!r}; migrate converts format 2 and "
+            f"completes format {bundle.FORMAT_VERSION}"
+        )
     try:
         old = torch.jit.load(str(folder / bundle.MODEL_FILE), map_location="cpu").eval()
         tokenizer = Tokenizer.from_file(str(folder / bundle.TOKENIZER_FILE))
     except Exception as exc:  # torch and tokenizers raise plain exceptions on damaged files
         raise DataError(f"{folder} cannot be read: {exc}") from exc
+    if found == bundle.FORMAT_VERSION and hasattr(old, bundle.FORKED_ENTRY_POINT):
+        log(f"{folder} is already format {bundle.FORMAT_VERSION} with every entry point")
+        return folder
     model = SentimentRNN.from_card(card["architecture"], old.state_dict())
 
     truncation = bundle.Truncation.model_validate(card["truncation"])
@@ -58,10 +63,20 @@ def migrate(folder: Path, log: Callable[[str], object] = print) -> Path:
     fields = {k: v for k, v in card.items() if k not in _DROPPED}
     fields["migrated_from"] = {"format_version": found, **card.get("export", {})}
     export_bundle(model, tokenizer, folder, check, fields)
-    log(
-        f"{folder}: format {found} -> {bundle.FORMAT_VERSION}, same weights (logits of the old "
-        f"file reproduced within {diff:.1g} on {CHECK_REVIEWS} sequences)"
+    change = (
+        f"gains {bundle.FORKED_ENTRY_POINT}"
+        if found == bundle.FORMAT_VERSION
+        else (f"format {found} -> {bundle.FORMAT_VERSION}")
     )
+    log(
+        f"{folder}: {change}, same weights (logits of the old file reproduced within "
+        f"{diff:.1g} on {CHECK_REVIEWS} sequences)"
+    )
+    if "int8" in card:
+        log(
+            f"{folder}: its int8 variant was made from the old file; make it again with "
+            f"`python -m training quantize {folder}`"
+        )
     return folder
 
 

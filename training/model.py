@@ -2,7 +2,8 @@
 
 Written to compile with ``torch.jit.script``: the exported ``model.pt`` takes right-padded token
 ids ``[batch, time]`` (0 = <pad>) and their lengths ``[batch]`` and returns the POSITIVE logit per
-review; ``embed`` and ``forward_embedded`` are its two halves (``service.bundle`` format 3).
+review; ``embed`` and ``forward_embedded`` are its two halves, and ``forward_forked`` gives the
+same logits with each layer's two directions on two threads (``service.bundle`` format 3).
 
 Padding never changes a review's answer, without packed sequences: the forward direction reads
 each review from its start, so trailing padding comes after every state that is used; the
@@ -40,18 +41,34 @@ class RecurrentLayer(nn.Module):
             for _ in range(2 if bidirectional else 1)
         )
 
-    def forward(self, x: torch.Tensor, reverse_index: torch.Tensor) -> torch.Tensor:
-        outputs: list[torch.Tensor] = []
-        for direction, rnn in enumerate(self.directions):
+    def forward(
+        self, x: torch.Tensor, reverse_index: torch.Tensor, fork: bool = False
+    ) -> torch.Tensor:
+        """With ``fork``, the backward direction runs on torch's inter-op thread pool while
+        the forward one runs here: the same arithmetic, on a second core where one is idle."""
+        if fork and len(self.directions) == 2:
+            backward = torch.jit.fork(self._backward, x, reverse_index)
+            return torch.cat([self._forward(x), torch.jit.wait(backward)], dim=2)
+        outputs = [self._forward(x)]
+        if len(self.directions) == 2:
+            outputs.append(self._backward(x, reverse_index))
+        return torch.cat(outputs, dim=2)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for direction, rnn in enumerate(self.directions):  # TorchScript indexes no ModuleList
             if direction == 0:
                 out, _ = rnn(x)
-            else:
+        return out
+
+    def _backward(self, x: torch.Tensor, reverse_index: torch.Tensor) -> torch.Tensor:
+        out = x
+        for direction, rnn in enumerate(self.directions):
+            if direction == 1:
                 out, _ = rnn(reverse_within_lengths(x, reverse_index))
-                out = reverse_within_lengths(
-                    out, reverse_index
-                )  # the reordering is its own inverse
-            outputs.append(out)
-        return torch.cat(outputs, dim=2)
+                # The reordering is its own inverse.
+                out = reverse_within_lengths(out, reverse_index)
+        return out
 
 
 class SentimentRNN(nn.Module):
@@ -84,8 +101,17 @@ class SentimentRNN(nn.Module):
         return self.embedding(ids)
 
     @torch.jit.export
+    def forward_forked(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """``forward``'s logits with each layer's two directions computed at once, on two
+        threads: for a batch that has the CPU to itself (docs/benchmarks.md, "CPU levers")."""
+        return self._logits(self.embed_dropout(self.embedding(ids)), lengths, True)
+
+    @torch.jit.export
     def forward_embedded(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The logits from word vectors, so gradients can be taken with respect to them."""
+        return self._logits(embedded, lengths, False)
+
+    def _logits(self, embedded: torch.Tensor, lengths: torch.Tensor, fork: bool) -> torch.Tensor:
         # A review with no tokens is read as one <pad> step, so every review has a last state.
         lengths = lengths.to(embedded.device).clamp(min=1, max=embedded.size(1))
         steps = torch.arange(embedded.size(1), device=embedded.device)
@@ -96,7 +122,7 @@ class SentimentRNN(nn.Module):
         for depth, layer in enumerate(self.layers):
             if depth > 0:
                 x = self.layer_dropout(x)
-            x = layer(x, reverse_index)
+            x = layer(x, reverse_index, fork)
 
         rows = torch.arange(x.size(0), device=x.device)
         last = x[rows, lengths - 1]

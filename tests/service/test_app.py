@@ -257,6 +257,8 @@ def test_health_ready_info_and_docs(server: RunningServer, trained_bundle: Path)
     assert info["batching"]["inference_workers"] == torch.get_num_threads()
     # On a CPU the batcher cuts rounds by the cost model by default.
     assert info["batching"]["batch_step_texts"] == CPU_STEP_TEXTS
+    # A lone batch forks the GRU's directions where a second core is there to take them.
+    assert info["batching"]["fork_directions"] == (torch.get_num_threads() > 1)
     assert httpx.get(f"{server.url}/docs").status_code == 200
     spec = httpx.get(f"{server.url}/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]

@@ -79,7 +79,7 @@ def test_load_gives_the_card_as_a_validated_model(trained_bundle: Path):
     assert loaded.card.truncation == Truncation.keep(32, 12)
     assert loaded.card.labels == bundle.LABELS
     assert loaded.card.calibration.temperature > 0
-    assert set(loaded.card.export.max_abs_diff) == set(bundle.ENTRY_POINTS)
+    assert set(loaded.card.export.max_abs_diff) == {*bundle.ENTRY_POINTS, bundle.FORKED_ENTRY_POINT}
     assert all(d <= 1e-5 for d in loaded.card.export.max_abs_diff.values())
     summary = loaded.card.summary().model_dump()
     assert "command" not in summary

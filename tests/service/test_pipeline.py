@@ -62,3 +62,30 @@ def test_requests_tokenise_on_as_many_threads_as_configured(trained_bundle: Path
     settings = Settings(tokenization_workers=workers)
     asyncio.run(_predict_at_once(runtime, settings, requests=4))
     assert runtime.most_at_once == workers
+
+
+def test_the_peak_of_texts_in_progress_counts_requests_that_came_and_went(trained_bundle: Path):
+    """The fork policy (``runtime.ForkWhenAlone``) reads this peak: if it forgot requests that
+    were answered before it asked, a batch would fork while the event loop is busy with the
+    next ones; if it never started a new count, a lone request after a burst would not fork."""
+    runtime = SlowTokenizer(bundle.load(trained_bundle, "cpu"))
+
+    async def burst() -> list[int]:
+        batcher = DynamicBatcher(
+            runtime.infer, max_batch_size=64, max_batch_tokens=32_768, max_wait_s=0, max_queue=64
+        )
+        await batcher.start()
+        predictor = Predictor(runtime, batcher, Settings(), Metrics())
+        try:
+            peaks = [predictor.peak_texts_in_progress()]
+            texts = [["a fine film"], ["a dull film"], ["one", "two", "three"]]
+            await asyncio.gather(*(predictor.predict(t) for t in texts))
+            peaks += [predictor.peak_texts_in_progress(), predictor.peak_texts_in_progress()]
+            await predictor.predict(["alone"])
+            peaks.append(predictor.peak_texts_in_progress())
+            return peaks
+        finally:
+            await batcher.stop()
+            predictor.close()
+
+    assert asyncio.run(burst()) == [0, 5, 0, 1]

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from service import bundle
 from service.bundle import BundleError
-from service.runtime import ModelRuntime, TorchThreads
+from service.runtime import ForkWhenAlone, ModelRuntime, TorchThreads
 from tests.service.conftest import corrupt_model_file, oversize_tokenizer
 
 TEXTS = ["A great, moving film.", "Dull and clumsy, a waste.", "naïve Amélie 😀 " * 30]
@@ -64,6 +64,36 @@ def test_small_batches_run_on_one_torch_thread_and_larger_ones_on_all(trained_bu
             seen.append(torch.get_num_threads())
             np.testing.assert_allclose(logits, expected[: len(batch)], rtol=0, atol=1e-6)
         assert seen == [1, 1, 3, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_batch_alone_on_one_thread_runs_the_forked_entry_point(trained_bundle: Path):
+    """If this fails, a lone request no longer gets the idle core (the GRU's directions one
+    after the other), or a batch forks while other work is in the service and takes a core
+    that work needs (docs/benchmarks.md, "CPU levers": 0.85x at 16 clients)."""
+    runtime = ModelRuntime.load(trained_bundle, "cpu")
+    forked, forward = runtime.model.forward_forked, runtime.model
+    seqs = [e.ids for e in runtime.preprocess(TEXTS)]
+    in_service = [len(seqs)]  # texts admitted and not yet answered
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = runtime.infer(seqs)
+        assert runtime.entry_point(0, 3) is forward  # off until the app turns it on
+        runtime.fork = ForkWhenAlone(lambda: in_service[0])
+        assert runtime.entry_point(0, 3) == forked
+        np.testing.assert_allclose(runtime.infer(seqs), sequential, rtol=0, atol=0)
+        assert runtime.entry_point(1, 3) is forward  # another batch runs beside it
+        in_service[0] = 4
+        assert runtime.entry_point(0, 3) is forward  # a text waits or tokenises meanwhile
+        in_service[0] = 3
+        with runtime.calls.running() as others:  # e.g. an explanation's chunk on a worker
+            assert others == 0
+            with runtime.calls.running() as during:
+                assert during == 1
+        torch.set_num_threads(2)
+        assert runtime.entry_point(0, 3) is forward  # the batch has two threads: no spare core
     finally:
         torch.set_num_threads(before)
 

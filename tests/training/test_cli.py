@@ -19,6 +19,8 @@ from service.bundle import BundleError
 from tests.conftest import TINY_MODEL, TINY_TRAIN, prepare_args
 from training.cli import main
 from training.config import ModelConfig, PrepareConfig, TrainConfig
+from training.migrate import migrate
+from training.model import SentimentRNN
 from training.prepare import load_prepared, prepared_dir
 
 
@@ -75,7 +77,8 @@ def test_bundle_has_the_three_files_and_a_complete_card(trained_bundle: Path):
     assert len(epochs) == card["hyperparameters"]["epochs"] == 8
     # --average-top 2: the average of the two best epochs was scored on validation too.
     assert len(card["training"]["history"][-1]["average_of"]) == 2
-    assert set(card["export"]["max_abs_diff"]) == {"forward", "embed", "forward_embedded"}
+    entry_points = {"forward", "embed", "forward_embedded", "forward_forked"}
+    assert set(card["export"]["max_abs_diff"]) == entry_points
     assert max(card["export"]["max_abs_diff"].values()) <= 1e-5
 
 
@@ -195,6 +198,49 @@ def test_migrate_converts_a_format_2_bundle_with_the_same_weights(
         )
     assert main(["migrate", str(folder)]) == 0  # already current: nothing to do
     assert bundle.read_card(folder) == migrated.card
+
+
+class _BeforeForked(SentimentRNN):
+    """The network as exported before ``forward_forked`` existed (2026-11-25)."""
+
+    @torch.jit.ignore
+    def forward_forked(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def test_migrate_gives_a_format_3_bundle_the_forked_entry_point(
+    quantized_bundle: Path, tmp_path: Path
+):
+    """Without it, the shipped model (exported before the entry point existed) could not gain
+    it with its weights kept, and a stale int8 variant would be left beside a new model.pt."""
+    folder = shutil.copytree(quantized_bundle, tmp_path / "before")
+    original = bundle.load(folder, "cpu", "float32")
+    before = _BeforeForked.from_card(
+        original.card.architecture.model_dump(), original.model.state_dict()
+    )
+    torch.jit.script(before).save(str(folder / bundle.MODEL_FILE))
+    assert not hasattr(bundle.load(folder, "cpu", "float32").model, "forward_forked")
+
+    lines: list[str] = []
+    migrate(folder, log=lines.append)
+    migrated = bundle.load(folder, "cpu", "auto")
+    assert hasattr(migrated.model, "forward_forked")
+    assert migrated.precision == "float32"  # the int8 variant was of the old file: dropped
+    assert migrated.card.int8 is None
+    assert not (folder / bundle.INT8_FILE).exists()
+    assert "python -m training quantize" in lines[-1]
+    assert migrated.card.metrics == original.card.metrics
+    assert migrated.card.migrated_from is not None
+    assert migrated.card.migrated_from["format_version"] == 3
+    ids, lengths = bundle.pad([np.arange(2, 30), np.arange(5, 9)])
+    with torch.no_grad():
+        want = original.model(ids, lengths)
+        torch.testing.assert_close(migrated.model(ids, lengths), want, rtol=0, atol=0)
+        torch.testing.assert_close(
+            migrated.model.forward_forked(ids, lengths), want, rtol=0, atol=0
+        )
+    migrate(folder, log=lines.append)  # complete now: nothing to do
+    assert "every entry point" in lines[-1]
 
 
 def test_training_learns_the_tiny_task(trained_bundle: Path):

@@ -46,7 +46,7 @@ def test_export_check_compares_every_entry_point_and_fails_loudly():
     reviews = [np.arange(2, 12, dtype=np.int32), np.arange(3, 8, dtype=np.int32)]
     exported = round_trip(torch.jit.script(model.eval()))
     diffs = verify_entry_points(model, exported, reviews, Truncation.keep(16, 8))
-    assert diffs == {"forward": 0.0, "embed": 0.0, "forward_embedded": 0.0}
+    assert diffs == {"forward": 0.0, "embed": 0.0, "forward_embedded": 0.0, "forward_forked": 0.0}
     # A model left in training mode (dropout on) no longer matches what was saved.
     with pytest.raises(ExportError, match="not a faithful copy"):
         verify_entry_points(model.train(), exported, reviews, Truncation.keep(16, 8))

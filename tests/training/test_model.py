@@ -44,6 +44,9 @@ def test_scripted_batched_and_single_answers_agree(
         # The two halves the bundle exports compose to forward, scripted as well as eager.
         halves = scripted.forward_embedded(scripted.embed(ids), lengths)
         torch.testing.assert_close(halves, batched, rtol=0, atol=0)
+        # Each layer's two directions on two threads: the same arithmetic, the same logits (a
+        # fork that read the wrong input or rejoined the halves out of order would differ).
+        torch.testing.assert_close(scripted.forward_forked(ids, lengths), batched, rtol=0, atol=0)
     assert torch.isfinite(batched).all()
 
 
