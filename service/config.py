@@ -114,9 +114,10 @@ class Settings(BaseSettings):
     )
     fork_directions: bool = Field(
         True,
-        description="CPU: a batch that runs while no other does, on one torch thread, computes "
-        "each layer's two directions at once on two threads (the bundle's forward_forked "
-        "entry point, where it has one), so a lone request uses an otherwise idle core",
+        description="CPU: a batch that has the machine to itself (no other model call, one "
+        "torch thread, no other text in the service since the last call began) computes each "
+        "GRU layer's two directions at once on two threads (the bundle's forward_forked entry "
+        "point, where it has one), so a lone request uses an otherwise idle core",
     )
     tokenization_workers: int = Field(
         1,

@@ -212,7 +212,7 @@ class BatchSettings(BaseModel):
         description="the batcher's cost model: a step's fixed cost in texts (0: no cost model)"
     )
     fork_directions: bool = Field(
-        description="a batch alone on the CPU computes the GRU's two directions on two threads"
+        description="a lone batch on a CPU computes the GRU's two directions on two threads"
     )
     processes: int = Field(description="service processes sharing the port, each its own batcher")
 

@@ -26,7 +26,8 @@ from training.export import TOLERANCE, export_bundle
 from training.model import SentimentRNN
 
 CHECK_REVIEWS = 64
-# Fields of a format-2 card that format 3 either derives or no longer keeps.
+# Fields of an older card that the export derives, that format 3 no longer keeps, or (int8)
+# that describe a variant made from the old model.pt.
 _DROPPED = ("format_version", "max_length", "files", "export", "labels", "parameters", "int8")
 
 
@@ -63,11 +64,9 @@ def migrate(folder: Path, log: Callable[[str], object] = print) -> Path:
     fields = {k: v for k, v in card.items() if k not in _DROPPED}
     fields["migrated_from"] = {"format_version": found, **card.get("export", {})}
     export_bundle(model, tokenizer, folder, check, fields)
-    change = (
-        f"gains {bundle.FORKED_ENTRY_POINT}"
-        if found == bundle.FORMAT_VERSION
-        else (f"format {found} -> {bundle.FORMAT_VERSION}")
-    )
+    change = f"format {found} -> {bundle.FORMAT_VERSION}"
+    if found == bundle.FORMAT_VERSION:
+        change = f"gains {bundle.FORKED_ENTRY_POINT}"
     log(
         f"{folder}: {change}, same weights (logits of the old file reproduced within "
         f"{diff:.1g} on {CHECK_REVIEWS} sequences)"
