@@ -141,7 +141,7 @@ def _logits(runtime: ModelRuntime, seqs: list[np.ndarray]) -> np.ndarray:
 
 def _predicted_probability(runtime: ModelRuntime, logits: np.ndarray, sign: float) -> np.ndarray:
     """Calibrated probability of the label the full text was given."""
-    return 1.0 / (1.0 + np.exp(-sign * logits / runtime.temperature))
+    return 1.0 / (1.0 + np.exp(-sign * logits / runtime.calibration.temperature))
 
 
 def _summary(values: list[float]) -> dict[str, float]:

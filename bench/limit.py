@@ -275,7 +275,7 @@ def batch_spread(
     )[:count]
 
     def probability(z: np.ndarray) -> np.ndarray:
-        return 1 / (1 + np.exp(-z / runtime.temperature))
+        return 1 / (1 + np.exp(-z / runtime.calibration.temperature))
 
     moved = np.abs(probability(alone) - probability(batched))
     spread = {

@@ -125,12 +125,33 @@ class Truncation(BaseModel):
 
 
 class Calibration(BaseModel):
-    """Probabilities are ``sigmoid(logit / temperature)``."""
+    """Probabilities are ``sigmoid(logit / temperature)``. With a short band, a text of at most
+    ``short_max_tokens`` tokens (as tokenised, before truncation) is divided by
+    ``short_temperature`` instead: one temperature serves sentences and whole reviews badly."""
 
     method: str
     temperature: float = Field(gt=0)
+    short_temperature: float | None = Field(None, gt=0)
+    short_max_tokens: int | None = Field(None, ge=1)
     test_ece_before: float | None = None
     test_ece_after: float | None = None
+
+    @model_validator(mode="after")
+    def _band_complete(self) -> Calibration:
+        if (self.short_temperature is None) != (self.short_max_tokens is None):
+            raise ValueError("short_temperature and short_max_tokens come together")
+        return self
+
+    def temperature_for(self, tokens: int) -> float:
+        """The temperature for a text of ``tokens`` tokens."""
+        if self.short_max_tokens is not None and tokens <= self.short_max_tokens:
+            assert self.short_temperature is not None
+            return self.short_temperature
+        return self.temperature
+
+    def temperatures(self, tokens: np.ndarray) -> np.ndarray:
+        """``temperature_for`` of each count in ``tokens``."""
+        return np.array([self.temperature_for(int(n)) for n in tokens], dtype=np.float64)
 
 
 class SplitMetrics(BaseModel):
@@ -216,6 +237,11 @@ class Card(ModelSummary):
     export: ExportCheck
     migrated_from: dict[str, Any] | None = Field(
         None, description="the export record of the bundle this one was converted from"
+    )
+    behaviour: dict[str, Any] | None = Field(
+        None,
+        description="the behaviour suite's pass rates (`python -m training behave`), per "
+        "precision and half",
     )
 
     def summary(self) -> ModelSummary:
@@ -440,6 +466,13 @@ def _replace(folder: Path, write: Callable[[Path], None], check: Precision) -> P
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
+
+
+def write_card(folder: Path, card: Card) -> None:
+    """Replace the card of the bundle in ``folder`` (figures measured after the export); its
+    model files are unchanged, so it is written in place and read back."""
+    _write_card(folder, card)
+    read_card(folder)
 
 
 def _write_card(folder: Path, card: Card) -> None:

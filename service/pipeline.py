@@ -194,9 +194,11 @@ class Predictor:
             scores=[
                 [
                     {"label": label, "score": score}
-                    for label, score in runtime.postprocess(r.logit, function or "sigmoid")[:k]
+                    for label, score in runtime.postprocess(
+                        r.logit, e.original_tokens, function or "sigmoid"
+                    )[:k]
                 ]
-                for r in results
+                for r, e in zip(results, encoded, strict=True)
             ],
             timing=Timing(
                 model_version=runtime.card.version,
@@ -367,8 +369,11 @@ def _explanation(
     else:
         read[: cut.head] = attribution.tokens[: cut.head]
         read[dropped[1] :] = attribution.tokens[cut.head :]
-    label, score = runtime.postprocess(logit)[0]
-    verdicts = [runtime.postprocess(logit)[0] for logit in segment_logits]
+    label, score = runtime.postprocess(logit, n)[0]
+    verdicts = [
+        runtime.postprocess(z, part.original_tokens)[0]
+        for z, part in zip(segment_logits, p.segments, strict=True)
+    ]
     sentences = [
         {"start": start, "end": end, "label": s_label, "score": s_score}
         for (start, end), (s_label, s_score) in zip(p.spans, verdicts, strict=True)

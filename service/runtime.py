@@ -194,7 +194,7 @@ class ModelRuntime:
         # blocking; the copy of the logits back is the one synchronisation per batch.
         self._pin = loaded.device.type == "cuda"
         self.truncation = loaded.card.truncation
-        self.temperature = loaded.card.calibration.temperature
+        self.calibration = loaded.card.calibration
         self.negative, self.positive = loaded.card.labels
         self.threads: TorchThreads | None = None  # None: torch's own setting, whatever the batch
         self.calls = Calls()
@@ -293,12 +293,13 @@ class ModelRuntime:
 
     # -- postprocess ------------------------------------------------------------------------
     def postprocess(
-        self, logit: float, function: ScoreFunction = "sigmoid"
+        self, logit: float, tokens: int, function: ScoreFunction = "sigmoid"
     ) -> list[tuple[str, float]]:
-        """Labels and scores, best first. The logit is divided by the card's temperature first,
-        so 'sigmoid' and 'softmax' (identical for one logit) give calibrated probabilities and
-        'none' gives calibrated log-odds (POSITIVE: z, NEGATIVE: -z)."""
-        z = logit / self.temperature
+        """Labels and scores, best first, for a text of ``tokens`` tokens. The logit is divided
+        by the card's temperature for that length first, so 'sigmoid' and 'softmax' (identical
+        for one logit) give calibrated probabilities and 'none' gives calibrated log-odds
+        (POSITIVE: z, NEGATIVE: -z)."""
+        z = logit / self.calibration.temperature_for(tokens)
         if function == "none":
             scores = {self.positive: z, self.negative: -z}
         else:

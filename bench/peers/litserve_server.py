@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import litserve as ls
-import numpy as np
 import torch
 
 sys.path.insert(0, os.environ["BENCH_REPO_ROOT"])
-from service.runtime import ModelRuntime
+from service.runtime import Encoded, ModelRuntime
 
 
 class SentimentAPI(ls.LitAPI):
@@ -29,20 +28,22 @@ class SentimentAPI(ls.LitAPI):
         )
         self.runtime.warmup()
 
-    def decode_request(self, request: dict[str, Any]) -> np.ndarray:
-        return self.runtime.preprocess([request["inputs"]])[0].ids
+    def decode_request(self, request: dict[str, Any]) -> Encoded:
+        return self.runtime.preprocess([request["inputs"]])[0]
 
-    def batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def batch(self, inputs: list[Encoded]) -> list[Encoded]:
         return inputs
 
-    def predict(self, seqs: list[np.ndarray]) -> np.ndarray:
-        return self.runtime.infer(seqs)
+    def predict(self, encoded: list[Encoded]) -> list[tuple[float, int]]:
+        logits = self.runtime.infer([e.ids for e in encoded])
+        # The token count travels with the logit: calibration has a temperature per length.
+        return [(float(z), e.original_tokens) for z, e in zip(logits, encoded, strict=True)]
 
-    def unbatch(self, output: np.ndarray) -> list[float]:
-        return [float(x) for x in output]
+    def unbatch(self, output: list[tuple[float, int]]) -> list[tuple[float, int]]:
+        return output
 
-    def encode_response(self, logit: float) -> list[dict[str, Any]]:
-        return [{"label": k, "score": v} for k, v in self.runtime.postprocess(logit)]
+    def encode_response(self, scored: tuple[float, int]) -> list[dict[str, Any]]:
+        return [{"label": k, "score": v} for k, v in self.runtime.postprocess(*scored)]
 
 
 def main() -> None:

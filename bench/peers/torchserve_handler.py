@@ -43,4 +43,7 @@ def handle(data: list[dict[str, Any]] | None, context: Any) -> list[Any] | None:
         return None
     encoded = _runtime.preprocess([_text(row) for row in data])
     logits = _runtime.infer([e.ids for e in encoded])
-    return [[{"label": k, "score": v} for k, v in _runtime.postprocess(float(z))] for z in logits]
+    return [
+        [{"label": k, "score": v} for k, v in _runtime.postprocess(float(z), e.original_tokens)]
+        for z, e in zip(logits, encoded, strict=True)
+    ]

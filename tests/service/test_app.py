@@ -51,7 +51,7 @@ def test_single_text_in_the_hugging_face_format(server: RunningServer, trained_b
     assert body[0]["score"] + body[1]["score"] == pytest.approx(1.0)
     runtime = ModelRuntime.load(trained_bundle, "cpu")
     [encoded] = runtime.preprocess(["A great, moving film."])
-    expected = runtime.postprocess(float(runtime.infer([encoded.ids])[0]))
+    expected = runtime.postprocess(float(runtime.infer([encoded.ids])[0]), encoded.original_tokens)
     assert [(b["label"], b["score"]) for b in body] == [
         (label, pytest.approx(score, abs=1e-6)) for label, score in expected
     ]
@@ -74,11 +74,10 @@ def test_list_of_64_equals_64_concurrent_requests_equals_the_model(
 
     concurrent = asyncio.run(one_by_one())
     runtime = ModelRuntime.load(trained_bundle, "cpu")
-    direct = [
-        float(runtime.infer([e.ids])[0]) for e in runtime.preprocess(texts)
-    ]  # one at a time, no batching at all
+    encoded = runtime.preprocess(texts)
+    direct = [float(runtime.infer([e.ids])[0]) for e in encoded]  # one at a time, no batching
     for i, text_answer in enumerate(as_list):
-        want = dict(runtime.postprocess(direct[i]))
+        want = dict(runtime.postprocess(direct[i], encoded[i].original_tokens))
         for got in (text_answer, concurrent[i]):
             assert {g["label"]: g["score"] for g in got} == {
                 k: pytest.approx(v, abs=1e-5) for k, v in want.items()
@@ -270,7 +269,8 @@ def test_three_inference_workers_answer_a_flood_as_the_model_does(trained_bundle
     the setting is not applied."""
     texts = [review(i) for i in range(120)]
     runtime = ModelRuntime.load(trained_bundle, "cpu")
-    want = runtime.infer([e.ids for e in runtime.preprocess(texts)])
+    encoded = runtime.preprocess(texts)
+    want = runtime.infer([e.ids for e in encoded])
     with serve(trained_bundle, inference_workers=3, max_batch_size=4) as server:
         assert httpx.get(f"{server.url}/info").json()["batching"]["inference_workers"] == 3
 
@@ -282,8 +282,8 @@ def test_three_inference_workers_answer_a_flood_as_the_model_does(trained_bundle
             return [a.json()[0] for a in answers]
 
         answers = asyncio.run(flood())
-    for text, logit, answer in zip(texts, want, answers, strict=True):
-        expected = dict(runtime.postprocess(float(logit)))
+    for text, logit, e, answer in zip(texts, want, encoded, answers, strict=True):
+        expected = dict(runtime.postprocess(float(logit), e.original_tokens))
         got = {a["label"]: a["score"] for a in answer}
         assert got == {k: pytest.approx(v, abs=1e-5) for k, v in expected.items()}, text
 
@@ -391,7 +391,8 @@ def test_a_request_split_across_batches_is_reassembled_in_order(trained_bundle: 
     runtime = ModelRuntime.load(trained_bundle, "cpu")
     for text, got in zip(texts, answer, strict=True):
         [encoded] = runtime.preprocess([text])
-        want = dict(runtime.postprocess(float(runtime.infer([encoded.ids])[0])))
+        logit = float(runtime.infer([encoded.ids])[0])
+        want = dict(runtime.postprocess(logit, encoded.original_tokens))
         assert {g["label"]: g["score"] for g in got} == {
             k: pytest.approx(v, abs=1e-5) for k, v in want.items()
         }

@@ -30,8 +30,12 @@ def scores(url: str) -> list[float]:
 
 
 def expected(runtime: ModelRuntime) -> list[float]:
-    logits = runtime.infer([e.ids for e in runtime.preprocess(TEXTS)])
-    return [dict(runtime.postprocess(float(z)))["POSITIVE"] for z in logits]
+    encoded = runtime.preprocess(TEXTS)
+    logits = runtime.infer([e.ids for e in encoded])
+    return [
+        dict(runtime.postprocess(float(z), e.original_tokens))["POSITIVE"]
+        for z, e in zip(logits, encoded, strict=True)
+    ]
 
 
 @pytest.mark.parametrize("dtype", ["auto", "int8", "float32"])

@@ -46,8 +46,12 @@ def swap_in(source: Path, served: Path) -> None:
 
 def expected_scores(bundle: Path) -> list[float]:
     runtime = ModelRuntime.load(bundle, "cpu")
-    logits = runtime.infer([e.ids for e in runtime.preprocess(TEXTS)])
-    return [dict(runtime.postprocess(float(z)))["POSITIVE"] for z in logits]
+    encoded = runtime.preprocess(TEXTS)
+    logits = runtime.infer([e.ids for e in encoded])
+    return [
+        dict(runtime.postprocess(float(z), e.original_tokens))["POSITIVE"]
+        for z, e in zip(logits, encoded, strict=True)
+    ]
 
 
 def test_sighup_under_load_swaps_models_without_losing_or_mixing_answers(

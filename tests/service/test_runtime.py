@@ -99,17 +99,30 @@ def test_a_batch_alone_on_one_thread_runs_the_forked_entry_point(trained_bundle:
 
 
 def test_postprocess_applies_the_temperature(runtime: ModelRuntime):
-    runtime_t = runtime.temperature
-    (top, p), (other, q) = runtime.postprocess(2.0)
+    runtime_t = runtime.calibration.temperature
+    (top, p), (other, q) = runtime.postprocess(2.0, 300)
     assert (top, other) == ("POSITIVE", "NEGATIVE")
     assert p == pytest.approx(1 / (1 + np.exp(-2.0 / runtime_t)))
     assert p + q == pytest.approx(1.0)
-    assert runtime.postprocess(2.0, "softmax") == runtime.postprocess(2.0, "sigmoid")
-    assert runtime.postprocess(-1.0, "none") == [
+    assert runtime.postprocess(2.0, 300, "softmax") == runtime.postprocess(2.0, 300, "sigmoid")
+    assert runtime.postprocess(-1.0, 300, "none") == [
         ("NEGATIVE", pytest.approx(1.0 / runtime_t)),
         ("POSITIVE", pytest.approx(-1.0 / runtime_t)),
     ]
-    assert runtime.postprocess(-800.0)[0] == ("NEGATIVE", 1.0)  # no overflow
+    assert runtime.postprocess(-800.0, 300)[0] == ("NEGATIVE", 1.0)  # no overflow
+
+
+def test_postprocess_takes_the_short_band_temperature_by_length(trained_bundle: Path):
+    """If this fails, a sentence is scored with the reviews' temperature (or a review with the
+    sentences'): the card's length bands are not applied."""
+    runtime = ModelRuntime.load(trained_bundle, "cpu")
+    banded = runtime.calibration.model_copy(
+        update={"temperature": 2.0, "short_temperature": 0.5, "short_max_tokens": 40}
+    )
+    runtime.calibration = banded
+    short = dict(runtime.postprocess(1.0, 40, "none"))["POSITIVE"]
+    long = dict(runtime.postprocess(1.0, 41, "none"))["POSITIVE"]
+    assert (short, long) == (pytest.approx(2.0), pytest.approx(0.5))
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
