@@ -21,6 +21,7 @@ from tqdm import tqdm
 from service.bundle import PRECISIONS
 from training.config import (
     MAX_INT8_DROP,
+    FinetuneConfig,
     ModelConfig,
     PrepareConfig,
     TrainConfig,
@@ -148,6 +149,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="test accuracy the variant may lose against model.pt's card figure",
     )
     quantize.set_defaults(handler=cmd_quantize)
+    finetune = commands.add_parser(
+        "finetune",
+        formatter_class=fmt,
+        help="fine-tune a bundle on short texts that teach reading (negation, concession...)",
+        description="Start from a bundle's weights and train on crops, counterfactual "
+        "negations and concessions made from the training reviews, mixed with whole reviews; "
+        "keep the best epoch by validation and the behaviour suite's dev half; calibrate per "
+        "length band and export a new bundle.",
+    )
+    finetune.add_argument("bundle", type=Path, help="the bundle to start from")
+    finetune.add_argument(
+        "--data", default=None, help="IMDb source (default: the one the bundle's card names)"
+    )
+    finetune.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="cache folder")
+    finetune.add_argument(
+        "--sentences",
+        type=Path,
+        default=None,
+        help="also report accuracy on this labelled sentence file in the card; never trained on",
+    )
+    _add_options(finetune, FinetuneConfig)
+    finetune.set_defaults(handler=cmd_finetune)
+
+    behave = commands.add_parser(
+        "behave",
+        formatter_class=fmt,
+        help="run the behaviour suite (negation, concession, robustness, fairness...) on a bundle",
+        description="Score a bundle on the behaviour suite (training/behaviour.py) and print "
+        "the pass rate of every test; --check compares with the card's figures, --write-card "
+        "records them.",
+    )
+    behave.add_argument("bundle", type=Path, help="bundle folder, e.g. models/imdb-bigru")
+    behave.add_argument(
+        "--half",
+        choices=("dev", "test", "both"),
+        default="both",
+        help="dev: the half that choices are made on; test: the reported half",
+    )
+    behave.add_argument("--dtype", choices=PRECISIONS, default="float32", help="precision")
+    behave.add_argument("--failures", action="store_true", help="print failing cases")
+    behave.add_argument(
+        "--write-card", action="store_true", help="record the figures in the bundle's card"
+    )
+    behave.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 unless every pass rate equals the card's within --tolerance",
+    )
+    behave.add_argument("--tolerance", type=float, default=0.01, help="for --check")
+    behave.set_defaults(handler=cmd_behave)
     return parser
 
 
@@ -176,6 +227,8 @@ def _add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if typing.get_origin(kind) is Literal:
             kwargs["choices"] = typing.get_args(kind)
+        elif typing.get_origin(kind) is tuple:  # tuple[X, ...]: zero or more values
+            kwargs["type"], kwargs["nargs"] = typing.get_args(kind)[0], "*"
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -186,7 +239,8 @@ def _add_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
 
 
 def _config(config_cls: type, args: argparse.Namespace) -> Any:
-    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def cmd_prepare(args: argparse.Namespace, argv: list[str]) -> int:
@@ -351,3 +405,64 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
             f"{verdict} (difference {diff:.4f}, tolerance {args.tolerance})"
         )
     return 0 if reproduced else 1
+
+
+def cmd_behave(args: argparse.Namespace, argv: list[str]) -> int:
+    from training import behaviour
+    from training.evaluate import behaviour_figures, record_behaviour
+
+    halves = behaviour.HALVES if args.half == "both" else (args.half,)
+    figures, outcomes, card = behaviour_figures(args.bundle, args.dtype, halves)
+    for half in halves:
+        log(behaviour.format_table(outcomes[half], half, args.failures))
+    if args.write_card:
+        record_behaviour(args.bundle, args.dtype, figures)
+        log(f"{args.bundle}: behaviour figures ({args.dtype}) recorded in the card")
+    if not args.check:
+        return 0
+    claimed = (card.behaviour or {}).get(args.dtype)
+    if claimed is None:
+        log(f"the card holds no behaviour figures for {args.dtype}")
+        return 1
+    agree = True
+    for half in halves:
+        for name, measured in figures[half]["tests"].items():
+            said = claimed.get(half, {}).get("tests", {}).get(name, {}).get("pass_rate")
+            if said is None or abs(said - measured["pass_rate"]) > args.tolerance:
+                log(f"{half} {name}: card {said}, measured {measured['pass_rate']}")
+                agree = False
+    log("card's behaviour figures " + ("reproduced" if agree else "NOT reproduced"))
+    return 0 if agree else 1
+
+
+def cmd_finetune(args: argparse.Namespace, argv: list[str]) -> int:
+    from training.calibrate import calibrate_and_score
+    from training.config import to_jsonable
+    from training.data import load_imdb, load_sentences
+    from training.export import export_bundle
+    from training.finetune import finetune
+    from training.metrics import format_metrics
+
+    cfg: FinetuneConfig = _config(FinetuneConfig, args)
+    sentences = load_sentences(args.sentences) if args.sentences else None
+    model, record, splits, source = finetune(args.bundle, cfg, args.data, args.cache_dir, log)
+    test = load_imdb(args.data or source.card.data["prepare"]["data"], args.cache_dir)["test"]
+    calibration, metrics = calibrate_and_score(model, source, splits, test, sentences)
+    card = {
+        **source.card.model_dump(include={"task", "architecture", "truncation", "data", "vectors"}),
+        "name": cfg.name,
+        "version": cfg.model_version,
+        "hyperparameters": {**source.card.hyperparameters, "finetune": to_jsonable(cfg)},
+        "training": record,
+        "metrics": metrics,
+        "calibration": calibration,
+        "command": "python -m training " + shlex.join(argv),
+    }
+    folder = export_bundle(
+        model, source.tokenizer, cfg.models_dir / cfg.name, splits.val.ids[:64], card
+    )
+    log(f"bundle     {folder}/")
+    log(f"calibration {calibration}")
+    for name, figures in metrics.items():
+        log(format_metrics(name, figures))
+    return 0

@@ -195,6 +195,46 @@ class TrainConfig:
         return Truncation.keep(self.max_len, head)
 
 
+@dataclass
+class FinetuneConfig:
+    """What `finetune` trains on, per epoch, and how."""
+
+    name: str = _opt("imdb-bigru", "bundle name: the result goes to <models-dir>/<name>/")
+    models_dir: Path = _opt(Path("models"), "model repository the bundle is written into")
+    model_version: str = _opt("3.0.0", "version recorded in the new card")
+    epochs: int = _opt(2, "epochs; the best by validation and the suite's dev half is kept")
+    batch_size: int = _opt(64, "texts per optimisation step")
+    lr: float = _opt(3e-4, "AdamW learning rate")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    clip_norm: float = _opt(1.0, "gradient-norm clip")
+    reviews: int = _opt(6000, "whole training reviews per epoch, so long reviews stay read")
+    crops: int = _opt(12000, "crops of 1-3 sentences per epoch")
+    negations: int = _opt(3000, "counterfactual negations per epoch")
+    concessions: int = _opt(3000, "concessions and changes of mind per epoch")
+    unk_rate: float = _opt(0.05, "share of tokens replaced by <unk> in training (typos, names)")
+    tie_words: bool = _opt(
+        True, "read person names and nationalities as <unk>, each group of pronouns as one word"
+    )
+    interpolate: tuple[float, ...] = _opt(
+        (0.5, 0.75),
+        "also try the best epoch's weights mixed with the source's, this share fine-tuned, "
+        "and keep a mix that scores better",
+    )
+    threads: int | None = _opt(None, "CPU threads for torch")
+    seed: int = _opt(13, "seed of sampling, augmentation and dropout")
+
+    def __post_init__(self) -> None:
+        self.models_dir = Path(self.models_dir)
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("epochs, batch_size and lr must be positive")
+        if not 0.0 <= self.unk_rate < 0.5:
+            raise ConfigError("unk_rate must be in [0, 0.5)")
+        if any(not 0.0 < a < 1.0 for a in self.interpolate):
+            raise ConfigError("interpolate shares must be in (0, 1)")
+        if min(self.reviews, self.crops, self.negations, self.concessions) < 0:
+            raise ConfigError("sample counts must be >= 0")
+
+
 def to_jsonable(config: Any) -> dict[str, Any]:
     """A dataclass as plain JSON values (paths as strings)."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()}

@@ -6,13 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from service import bundle
+from training import behaviour
 from training.batches import predict_logits
 from training.data import ReviewSet, load_imdb, load_sentences
 from training.errors import DataError
-from training.metrics import classification_metrics
+from training.metrics import classification_metrics, sigmoid
 from training.tokenizer import encode
 
 
@@ -51,6 +53,15 @@ def load_sets(
     return sets
 
 
+def probabilities(loaded: bundle.Bundle, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """Calibrated P(POSITIVE) of each text, tokenised, cut and calibrated as the service does."""
+    ids = encode(loaded.tokenizer, texts)
+    logits = predict_logits(
+        loaded.model, ids, loaded.card.truncation, batch_size, loaded.device, "score"
+    )
+    return sigmoid(logits / loaded.card.calibration.temperatures(np.array([len(i) for i in ids])))
+
+
 def score_texts(
     loaded: bundle.Bundle, reviews: ReviewSet, batch_size: int, desc: str
 ) -> dict[str, Any]:
@@ -60,4 +71,28 @@ def score_texts(
     logits = predict_logits(
         loaded.model, ids, loaded.card.truncation, batch_size, loaded.device, desc
     )
-    return classification_metrics(reviews.labels, logits, loaded.card.calibration.temperature)
+    temperatures = loaded.card.calibration.temperatures(np.array([len(i) for i in ids]))
+    return classification_metrics(reviews.labels, logits, temperatures)
+
+
+def behaviour_figures(
+    folder: Path, precision: bundle.Precision, halves: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, list[behaviour.Outcome]], bundle.Card]:
+    """The behaviour suite's figures and outcomes per half for a bundle, and its card."""
+    try:
+        loaded = bundle.load(folder, "cpu", precision)
+    except bundle.BundleError as exc:
+        raise DataError(str(exc)) from exc
+    outcomes = {
+        half: behaviour.run(lambda texts: probabilities(loaded, texts), half) for half in halves
+    }
+    figures = {half: behaviour.summary(found) for half, found in outcomes.items()}
+    return figures, outcomes, loaded.card
+
+
+def record_behaviour(folder: Path, precision: str, figures: dict[str, Any]) -> None:
+    """Keep the suite's figures in the card, under the precision they were measured in."""
+    card = bundle.read_card(folder)
+    measured = dict(card.behaviour or {})
+    measured[precision] = figures
+    bundle.write_card(folder, card.model_copy(update={"behaviour": measured}))

@@ -29,9 +29,10 @@ def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int 
 
 
 def classification_metrics(
-    labels: np.ndarray, logits: np.ndarray, temperature: float = 1.0
+    labels: np.ndarray, logits: np.ndarray, temperature: float | np.ndarray = 1.0
 ) -> dict[str, Any]:
-    """Accuracy, precision, recall, F1, ROC-AUC, log-loss, ECE and the confusion matrix."""
+    """Accuracy, precision, recall, F1, ROC-AUC, log-loss, ECE and the confusion matrix;
+    ``temperature`` is one for all, or one per logit (length bands)."""
     probs = sigmoid(logits / temperature)
     predicted = (probs >= 0.5).astype(np.int64)
     tn, fp, fn, tp = skm.confusion_matrix(labels, predicted, labels=[0, 1]).ravel()

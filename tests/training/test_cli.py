@@ -457,3 +457,50 @@ def test_training_on_cuda_with_mixed_precision(
     assert card["metrics"]["test"]["accuracy"] >= 0.85
     # The export is a CPU TorchScript file whatever the training device.
     torch.jit.load(str(tmp_path / "gpu" / "model.pt"), map_location="cpu")
+
+
+def test_finetune_writes_a_bundle_that_evaluate_and_behave_reproduce(
+    trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
+):
+    """If this fails, `finetune` exports a bundle whose card does not describe it: figures
+    computed with other temperatures, or a model that is not the one chosen."""
+    argv = [
+        "finetune",
+        str(trained_bundle),
+        "--data",
+        str(imdb_tarball),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--models-dir",
+        str(tmp_path / "models"),
+        "--name",
+        "tuned",
+        "--epochs",
+        "2",
+        "--reviews",
+        "40",
+        "--crops",
+        "40",
+        "--negations",
+        "40",
+        "--concessions",
+        "40",
+        "--threads",
+        "1",
+    ]
+    assert main(argv) == 0
+    folder = tmp_path / "models" / "tuned"
+    card = bundle.read_card(folder)
+    assert card.version == "3.0.0"
+    source = card.training["fine_tuned_from"]
+    assert (source["name"], source["version"]) == ("tiny", "1.0.0")
+    assert source["model_sha256"] == bundle.sha256(trained_bundle / "model.pt")
+    history = card.training["history"]
+    assert [row["epoch"] for row in history[:3]] == [0, 1, 2]
+    assert all(0 < row["interpolation"] < 1 for row in history[3:])  # mixes with the source
+    assert card.hyperparameters["finetune"]["negations"] == 40
+    assert card.architecture == bundle.read_card(trained_bundle).architecture
+    evaluate = ["evaluate", str(folder), "--data", str(imdb_tarball), "--cache-dir"]
+    assert main([*evaluate, str(tmp_path / "cache"), "--tolerance", "0"]) == 0
+    assert main(["behave", str(folder), "--write-card"]) == 0
+    assert main(["behave", str(folder), "--check", "--tolerance", "0"]) == 0
