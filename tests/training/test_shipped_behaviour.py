@@ -17,6 +17,10 @@ from training.cli import main
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "imdb-bigru"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_the_shipped_model_reproduces_its_behaviour_figures(dtype: str):
-    assert main(["behave", str(SHIPPED), "--check", "--dtype", dtype, "--tolerance", "0"]) == 0
+# int8 quantises activations per batch, with kernels that may round differently on another
+# CPU: one case in 100 may turn. float32 must reproduce every figure.
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", "0"), ("int8", "0.011")])
+def test_the_shipped_model_reproduces_its_behaviour_figures(dtype: str, tolerance: str):
+    assert (
+        main(["behave", str(SHIPPED), "--check", "--dtype", dtype, "--tolerance", tolerance]) == 0
+    )
