@@ -2,8 +2,8 @@
 
 A review of 230 words and a sentence of 8 give logits of different spreads: one temperature
 fitted on reviews leaves sentences' scores off (ECE 0.15 on imdb_labelled.txt with 2.0.0). So
-texts of at most ``SHORT_MAX_TOKENS`` tokens get their own temperature, fitted on the
-short-text validation split, and longer ones the one fitted on the validation reviews; the
+texts of at most ``SHORT_MAX_TOKENS`` tokens get their own temperature, fitted on short
+validation texts (``SHORT_BAND``), and longer ones the one fitted on the validation reviews; the
 bundle's ``Calibration`` applies them, in the service as here.
 """
 

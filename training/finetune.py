@@ -3,11 +3,12 @@
 Starts from a bundle's weights (its tokenizer and truncation unchanged) and trains on short
 texts made from the training reviews (`training.augment`: crops, counterfactual negations,
 concessions), mixed with whole training reviews so that the long-review reading is kept. Person
-names, nationalities and gender pronouns are tied in the embedding table (names and
-nationalities to ``<unk>``, each pronoun group to its mean), so a swap of them cannot move a
+names, nationalities and third-person pronouns are tied in the embedding table (names and
+nationalities to ``<unk>``, each pronoun group to one row), so a swap of them cannot move a
 score. Each epoch is scored on the validation reviews, the short-text validation split and the
-behaviour suite's dev half; the best epoch by their mean is exported through the same path as
-`train`, calibrated per length band.
+behaviour suite's dev half; the best epoch by their mean, or a mix of it with the source's
+weights that scores better, is exported through the same path as `train`, calibrated per length
+band (docs/model.md, "Reading sentences").
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def finetune(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loaded = bundle.load(source, "cpu", "float32")
-    card, tokenizer, truncation = loaded.card, loaded.tokenizer, loaded.card.truncation
+    card, tokenizer = loaded.card, loaded.tokenizer
     splits = load_splits(card, tokenizer, data, cache_dir)
     pools = augment.build_pools(splits.train_texts, splits.train.labels, tokenizer, splits.ratios)
     groups = augment.tied_groups(vocabulary(tokenizer), splits.train_texts) if cfg.tie_words else {}
@@ -117,32 +118,9 @@ def finetune(
     model = SentimentRNN.from_card(card.architecture.model_dump(), loaded.model.state_dict())
     tie(model.embedding.weight, groups)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
 
     def validate() -> dict[str, Any]:
-        model.eval()
-        val = predict_logits(model, splits.val.ids, truncation, EVAL_BATCH, torch.device("cpu"))
-        short = predict_logits(
-            model, splits.short_val.ids, truncation, EVAL_BATCH, torch.device("cpu")
-        )
-        temperature = fit_temperature(splits.val.labels, val)
-
-        def score(texts: list[str]) -> np.ndarray:
-            logits = predict_logits(
-                model, encode(tokenizer, texts), truncation, EVAL_BATCH, torch.device("cpu")
-            )
-            return sigmoid(logits / temperature)
-
-        dev = behaviour.summary(behaviour.run(score, "dev"))
-        row = {
-            "val_accuracy": round(float(((val >= 0) == splits.val.labels).mean()), 5),
-            "short_accuracy": round(float(((short >= 0) == splits.short_val.labels).mean()), 5),
-            "suite_dev": dev["mean_pass_rate"],
-        }
-        row["score"] = round(
-            (row["val_accuracy"] + row["short_accuracy"] + row["suite_dev"]) / 3, 5
-        )
-        return row
+        return score_on_validation(model, splits, loaded)
 
     started = time.perf_counter()
     history = [{"epoch": 0, **validate()}]
@@ -151,52 +129,13 @@ def finetune(
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         seqs, labels = _epoch_samples(splits, pools, cfg, tokenizer, rng)
-        model.train()
-        lengths = np.minimum([len(s) for s in seqs], truncation.max_length)
-        total, seen = 0.0, 0
-        batches = length_bucketed_batches(lengths, cfg.batch_size, rng)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit=" batches", leave=False)
-        for index in bar:
-            ids, lens = pad_batch([seqs[i] for i in index], truncation)
-            if cfg.unk_rate:
-                noise = (torch.rand(ids.shape) < cfg.unk_rate) & (ids != bundle.PAD_ID)
-                ids = ids.masked_fill(noise, UNK_ID)
-            loss = loss_fn(model(ids, lens), torch.from_numpy(labels[index]).float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            tie(model.embedding.weight, groups, grad=True)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            optimizer.step()
-            tie(model.embedding.weight, groups)
-            total += loss.item() * len(index)
-            seen += len(index)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
-        row = {
-            "epoch": epoch,
-            "train_loss": round(total / seen, 5),
-            "samples": len(seqs),
-            **validate(),
-            "seconds": round(time.perf_counter() - epoch_start, 1),
-        }
-        history.append(row)
+        loss = _train_epoch(model, optimizer, seqs, labels, loaded, cfg, groups, rng, epoch)
+        row = {"epoch": epoch, "train_loss": loss, "samples": len(seqs), **validate()}
+        history.append({**row, "seconds": round(time.perf_counter() - epoch_start, 1)})
         states[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
-        log(f"epoch {epoch:>2}  {row}")
+        log(f"epoch {epoch:>2}  {history[-1]}")
 
-    best = max(history, key=lambda r: r["score"])
-    chosen = states[best["epoch"]]
-    # Weight-space interpolation with the source (WiSE-FT, Wortsman et al., CVPR 2022): the
-    # fine-tuned weights drift from what whole reviews taught; part of the way back can keep
-    # most of the new reading and more of the old.
-    for alpha in cfg.interpolate if best["epoch"] else ():
-        mixed = {k: (1 - alpha) * states[0][k] + alpha * v for k, v in chosen.items()}
-        model.load_state_dict(mixed)
-        row = {"epoch": best["epoch"], "interpolation": alpha, **validate()}
-        log(f"mixed      {row}")
-        history.append(row)
-        if row["score"] > best["score"]:
-            best, chosen = row, mixed
-    model.load_state_dict(chosen)
-    model.eval()
+    best = _choose(model, states, history, cfg.interpolate, validate, log)
     record = {
         "fine_tuned_from": {
             "name": card.name,
@@ -211,6 +150,96 @@ def finetune(
         "device": "cpu",
     }
     return model, record, splits, loaded
+
+
+def _choose(
+    model: SentimentRNN,
+    states: dict[int, dict[str, torch.Tensor]],
+    history: list[dict[str, Any]],
+    shares: tuple[float, ...],
+    validate: Any,
+    log: Any,
+) -> dict[str, Any]:
+    """Load the best epoch's weights, or a mix of them with the source's (epoch 0) that scores
+    better, into ``model``; the chosen row of ``history`` (mixes are added to it)."""
+    best = max(history, key=lambda r: r["score"])
+    chosen = states[best["epoch"]]
+    # Weight-space interpolation with the source (WiSE-FT, Wortsman et al., CVPR 2022): the
+    # fine-tuned weights drift from what whole reviews taught; part of the way back can keep
+    # most of the new reading and more of the old.
+    for share in shares if best["epoch"] else ():
+        mixed = {k: (1 - share) * states[0][k] + share * v for k, v in chosen.items()}
+        model.load_state_dict(mixed)
+        row = {"epoch": best["epoch"], "interpolation": share, **validate()}
+        log(f"mixed      {row}")
+        history.append(row)
+        if row["score"] > best["score"]:
+            best, chosen = row, mixed
+    model.load_state_dict(chosen)
+    model.eval()
+    return best
+
+
+def score_on_validation(
+    model: SentimentRNN, splits: Splits, source: bundle.Bundle
+) -> dict[str, Any]:
+    """What chooses between epochs and mixes: accuracy on the validation reviews and on the
+    short-text validation split, the suite's dev half (scored with a temperature fitted on the
+    validation reviews), and their mean."""
+    model.eval()
+    cpu, truncation = torch.device("cpu"), source.card.truncation
+    val = predict_logits(model, splits.val.ids, truncation, EVAL_BATCH, cpu)
+    short = predict_logits(model, splits.short_val.ids, truncation, EVAL_BATCH, cpu)
+    temperature = fit_temperature(splits.val.labels, val)
+
+    def probabilities(texts: list[str]) -> np.ndarray:
+        ids = encode(source.tokenizer, texts)
+        return sigmoid(predict_logits(model, ids, truncation, EVAL_BATCH, cpu) / temperature)
+
+    row = {
+        "val_accuracy": round(float(((val >= 0) == splits.val.labels).mean()), 5),
+        "short_accuracy": round(float(((short >= 0) == splits.short_val.labels).mean()), 5),
+        "suite_dev": behaviour.summary(behaviour.run(probabilities, "dev"))["mean_pass_rate"],
+    }
+    row["score"] = round((row["val_accuracy"] + row["short_accuracy"] + row["suite_dev"]) / 3, 5)
+    return row
+
+
+def _train_epoch(
+    model: SentimentRNN,
+    optimizer: torch.optim.Optimizer,
+    seqs: list[np.ndarray],
+    labels: np.ndarray,
+    source: bundle.Bundle,
+    cfg: FinetuneConfig,
+    groups: dict[str, list[int]],
+    rng: np.random.Generator,
+    epoch: int,
+) -> float:
+    """One pass over ``seqs`` in length-bucketed batches; the mean training loss."""
+    model.train()
+    truncation = source.card.truncation
+    loss_fn = nn.BCEWithLogitsLoss()
+    lengths = np.minimum([len(s) for s in seqs], truncation.max_length)
+    total, seen = 0.0, 0
+    batches = length_bucketed_batches(lengths, cfg.batch_size, rng)
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", unit=" batches", leave=False)
+    for index in bar:
+        ids, lens = pad_batch([seqs[i] for i in index], truncation)
+        if cfg.unk_rate:
+            noise = (torch.rand(ids.shape) < cfg.unk_rate) & (ids != bundle.PAD_ID)
+            ids = ids.masked_fill(noise, UNK_ID)
+        loss = loss_fn(model(ids, lens), torch.from_numpy(labels[index]).float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        tie(model.embedding.weight, groups, grad=True)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        optimizer.step()
+        tie(model.embedding.weight, groups)
+        total += loss.item() * len(index)
+        seen += len(index)
+        bar.set_postfix(loss=f"{total / seen:.4f}")
+    return round(total / seen, 5)
 
 
 def _epoch_samples(
