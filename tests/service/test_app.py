@@ -418,3 +418,28 @@ def test_the_service_on_cuda_answers_as_on_the_cpu(trained_bundle: Path):
                 assert metric(server, "sentiment_cuda_memory_bytes", kind="peak") > 0
         for ours, cpu in zip(answers[device, dtype], answers["cpu", "float32"], strict=True):
             assert ours == {k: pytest.approx(v, abs=atol) for k, v in cpu.items()}
+
+
+def test_a_card_with_a_short_band_scores_short_texts_with_its_temperature(
+    trained_bundle: Path, tmp_path: Path
+):
+    """If this fails, the service scores a sentence with the reviews' temperature (or a review
+    with the sentences'): the calibration the card reports is not the one served."""
+    import shutil
+
+    folder = shutil.copytree(trained_bundle, tmp_path / "banded")
+    card = bundle.read_card(folder)
+    calibration = card.calibration.model_copy(
+        update={"temperature": 3.0, "short_temperature": 0.5, "short_max_tokens": 6}
+    )
+    bundle.write_card(folder, card.model_copy(update={"calibration": calibration}))
+    short, long = "A great film.", "The film was great and the plot was moving and superb."
+    runtime = ModelRuntime.load(folder, "cpu")
+    encoded = runtime.preprocess([short, long])
+    assert [e.original_tokens for e in encoded] == [4, 12]
+    logits = runtime.infer([e.ids for e in encoded])
+    with serve(folder) as server:
+        answer = httpx.post(f"{server.url}/predict", json={"inputs": [short, long]}).json()
+    got = [next(g["score"] for g in one if g["label"] == "POSITIVE") for one in answer]
+    want = [1 / (1 + np.exp(-logits[0] / 0.5)), 1 / (1 + np.exp(-logits[1] / 3.0))]
+    assert got == [pytest.approx(float(w), abs=1e-6) for w in want]
