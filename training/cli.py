@@ -436,9 +436,11 @@ def cmd_behave(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace, argv: list[str]) -> int:
+    from training import behaviour
     from training.calibrate import calibrate_and_score
     from training.config import to_jsonable
     from training.data import load_imdb, load_sentences
+    from training.evaluate import behaviour_figures, record_behaviour
     from training.export import export_bundle
     from training.finetune import finetune
     from training.metrics import format_metrics
@@ -461,6 +463,9 @@ def cmd_finetune(args: argparse.Namespace, argv: list[str]) -> int:
     folder = export_bundle(
         model, source.tokenizer, cfg.models_dir / cfg.name, splits.val.ids[:64], card
     )
+    figures, outcomes, _ = behaviour_figures(folder, "float32", behaviour.HALVES)
+    record_behaviour(folder, "float32", figures)
+    log(behaviour.format_table(outcomes["test"], "test"))
     log(f"bundle     {folder}/")
     log(f"calibration {calibration}")
     for name, figures in metrics.items():

@@ -53,13 +53,22 @@ def load_sets(
     return sets
 
 
-def probabilities(loaded: bundle.Bundle, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """Calibrated P(POSITIVE) of each text, tokenised, cut and calibrated as the service does."""
+def logits_and_temperatures(
+    loaded: bundle.Bundle, texts: list[str], batch_size: int = 256, desc: str = "score"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The logit of each text, tokenised and cut as the service does, and the temperature the
+    card's calibration gives a text of its length."""
     ids = encode(loaded.tokenizer, texts)
     logits = predict_logits(
-        loaded.model, ids, loaded.card.truncation, batch_size, loaded.device, "score"
+        loaded.model, ids, loaded.card.truncation, batch_size, loaded.device, desc
     )
-    return sigmoid(logits / loaded.card.calibration.temperatures(np.array([len(i) for i in ids])))
+    return logits, loaded.card.calibration.temperatures(np.array([len(i) for i in ids]))
+
+
+def probabilities(loaded: bundle.Bundle, texts: list[str]) -> np.ndarray:
+    """Calibrated P(POSITIVE) of each text, as the service answers it."""
+    logits, temperatures = logits_and_temperatures(loaded, texts)
+    return sigmoid(logits / temperatures)
 
 
 def score_texts(
@@ -67,11 +76,7 @@ def score_texts(
 ) -> dict[str, Any]:
     """Calibrated metrics of a loaded bundle on raw texts, tokenised and cut as the service
     does."""
-    ids = encode(loaded.tokenizer, reviews.texts)
-    logits = predict_logits(
-        loaded.model, ids, loaded.card.truncation, batch_size, loaded.device, desc
-    )
-    temperatures = loaded.card.calibration.temperatures(np.array([len(i) for i in ids]))
+    logits, temperatures = logits_and_temperatures(loaded, reviews.texts, batch_size, desc)
     return classification_metrics(reviews.labels, logits, temperatures)
 
 
