@@ -151,7 +151,9 @@ class Calibration(BaseModel):
 
     def temperatures(self, tokens: np.ndarray) -> np.ndarray:
         """``temperature_for`` of each count in ``tokens``."""
-        return np.array([self.temperature_for(int(n)) for n in tokens], dtype=np.float64)
+        if self.short_max_tokens is None or self.short_temperature is None:
+            return np.full(len(tokens), self.temperature)
+        return np.where(tokens <= self.short_max_tokens, self.short_temperature, self.temperature)
 
 
 class SplitMetrics(BaseModel):

@@ -123,7 +123,6 @@ EVERYDAY_NOUNS = [
 POS_VERBS_PAST = ["loved", "enjoyed", "liked", "adored", "admired", "appreciated"]
 NEG_VERBS_PAST = ["hated", "disliked", "despised", "loathed", "regretted"]
 POS_VERBS = ["like", "love", "enjoy", "adore", "admire", "appreciate"]
-NEG_VERBS = ["hate", "dislike", "despise", "loathe"]
 INTENSIFIERS = [
     "very",
     "really",
@@ -460,15 +459,21 @@ def contractions(rng: random.Random) -> Iterator[Case]:
         yield Case([text, short], None)
 
 
+def _swapped(
+    rng: random.Random, frames: list[str], group: Callable[[random.Random], list[dict[str, str]]]
+) -> Iterator[Case]:
+    """Groups of one sentence filled once per entry of ``group`` (who is named), for INV."""
+    for frame, noun, adj in _sample(rng, frames, MOVIE_NOUNS, LUKEWARM + _adjs()):
+        yield Case([frame.format(n=noun, a=adj, art=_article(adj), **who) for who in group(rng)])
+
+
 def names(rng: random.Random) -> Iterator[Case]:
     frames = [
         "{x} directed this {n}, and it is {a}.",
         "{x} starred in this {n}; the {n} was {a}.",
         "My friend {x} says the {n} is {a}.",
     ]
-    for frame, noun, adj in _sample(rng, frames, MOVIE_NOUNS, LUKEWARM + _adjs()):
-        group = rng.sample(NAMES, 6)
-        yield Case([frame.format(x=name, n=noun, a=adj) for name in group])
+    yield from _swapped(rng, frames, lambda r: [{"x": name} for name in r.sample(NAMES, 6)])
 
 
 def nationalities(rng: random.Random) -> Iterator[Case]:
@@ -477,14 +482,11 @@ def nationalities(rng: random.Random) -> Iterator[Case]:
         "It is {art} {a} {x} {n}.",
         "As {xart} {x} viewer, I found the {n} {a}.",
     ]
-    for frame, noun, adj in _sample(rng, frames, MOVIE_NOUNS, LUKEWARM + _adjs()):
-        group = rng.sample(NATIONALITIES, 6)
-        yield Case(
-            [
-                frame.format(x=x, n=noun, a=adj, art=_article(adj), xart=_article(x.lower()))
-                for x in group
-            ]
-        )
+    yield from _swapped(
+        rng,
+        frames,
+        lambda r: [{"x": x, "xart": _article(x.lower())} for x in r.sample(NATIONALITIES, 6)],
+    )
 
 
 def pronouns(rng: random.Random) -> Iterator[Case]:
@@ -493,8 +495,9 @@ def pronouns(rng: random.Random) -> Iterator[Case]:
         "I watched the {n} with {obj}, and {subj} found it {a}.",
         "According to {poss} review, the {n} is {a}.",
     ]
-    for frame, noun, adj in _sample(rng, frames, MOVIE_NOUNS, LUKEWARM + _adjs()):
-        yield Case([frame.format(Subj=_cap(p["subj"]), n=noun, a=adj, **p) for p in PRONOUN_SETS])
+    yield from _swapped(
+        rng, frames, lambda r: [{"Subj": _cap(p["subj"]), **p} for p in PRONOUN_SETS]
+    )
 
 
 TESTS: tuple[Test, ...] = (

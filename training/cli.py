@@ -158,17 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keep the best epoch by validation and the behaviour suite's dev half; calibrate per "
         "length band and export a new bundle.",
     )
-    finetune.add_argument("bundle", type=Path, help="the bundle to start from")
-    finetune.add_argument(
-        "--data", default=None, help="IMDb source (default: the one the bundle's card names)"
-    )
-    finetune.add_argument("--cache-dir", type=Path, default=Path(".cache"), help="cache folder")
-    finetune.add_argument(
-        "--sentences",
-        type=Path,
-        default=None,
-        help="also report accuracy on this labelled sentence file in the card; never trained on",
-    )
+    _add_scoring_options(finetune)  # the bundle to start from; --sentences is never trained on
     _add_options(finetune, FinetuneConfig)
     finetune.set_defaults(handler=cmd_finetune)
 
@@ -203,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
-    """A bundle and the sets it is scored on: `evaluate` and `quantize` alike."""
+    """A bundle and the sets it is scored on: `evaluate`, `quantize` and `finetune` alike."""
     parser.add_argument("bundle", type=Path, help="bundle folder, e.g. models/imdb-bigru")
     parser.add_argument("--data", default=default_data_source(), help="IMDb source")
     parser.add_argument("--data-sha256", default=None, help="expected SHA-256 of the tarball")
@@ -447,9 +437,9 @@ def cmd_finetune(args: argparse.Namespace, argv: list[str]) -> int:
 
     cfg: FinetuneConfig = _config(FinetuneConfig, args)
     sentences = load_sentences(args.sentences) if args.sentences else None
-    model, record, splits, source = finetune(args.bundle, cfg, args.data, args.cache_dir, log)
-    test = load_imdb(args.data or source.card.data["prepare"]["data"], args.cache_dir)["test"]
-    calibration, metrics = calibrate_and_score(model, source, splits, test, sentences)
+    reviews = load_imdb(args.data, args.cache_dir, args.data_sha256)
+    model, record, splits, source = finetune(args.bundle, cfg, reviews["train"], log)
+    calibration, metrics = calibrate_and_score(model, source, splits, reviews["test"], sentences)
     card = {
         **source.card.model_dump(include={"task", "architecture", "truncation", "data", "vectors"}),
         "name": cfg.name,

@@ -28,8 +28,7 @@ from service import bundle
 from training import augment, behaviour
 from training.batches import length_bucketed_batches, pad_batch, predict_logits
 from training.config import FinetuneConfig
-from training.data import load_imdb, stratified_split
-from training.errors import DataError
+from training.data import ReviewSet, stratified_split
 from training.metrics import fit_temperature, sigmoid
 from training.model import SentimentRNN
 from training.prepare import TokenizedSplit
@@ -51,14 +50,10 @@ class Splits:
     ratios: np.ndarray
 
 
-def load_splits(card: bundle.Card, tokenizer: Any, data: str | None, cache_dir: Path) -> Splits:
-    """The reviews the source bundle was trained and validated on: the validation split is
-    recomputed from its card's split options, so it stays unseen."""
+def load_splits(card: bundle.Card, tokenizer: Any, reviews: ReviewSet) -> Splits:
+    """The official train ``reviews`` cut as the source bundle was trained and validated on:
+    the validation split is recomputed from its card's split options, so it stays unseen."""
     options = card.data.get("prepare", {})
-    source = data or options.get("data")
-    if not source:
-        raise DataError("the bundle's card names no data source; pass --data")
-    reviews = load_imdb(source, cache_dir)["train"]
     train_idx, val_idx = stratified_split(
         reviews.labels, float(options.get("val_fraction", 0.1)), int(options.get("split_seed", 13))
     )
@@ -93,8 +88,7 @@ def tie(weight: torch.Tensor, groups: dict[str, list[int]], grad: bool = False) 
 def finetune(
     source: Path,
     cfg: FinetuneConfig,
-    data: str | None,
-    cache_dir: Path,
+    reviews: ReviewSet,
     log: Any = print,
 ) -> tuple[SentimentRNN, dict[str, Any], Splits, bundle.Bundle]:
     """Fine-tune ``source``'s network; returns the chosen weights (eval mode, CPU), the
@@ -106,7 +100,7 @@ def finetune(
         torch.set_num_threads(cfg.threads)
     loaded = bundle.load(source, "cpu", "float32")
     card, tokenizer = loaded.card, loaded.tokenizer
-    splits = load_splits(card, tokenizer, data, cache_dir)
+    splits = load_splits(card, tokenizer, reviews)
     pools = augment.build_pools(splits.train_texts, splits.train.labels, tokenizer, splits.ratios)
     groups = augment.tied_groups(vocabulary(tokenizer), splits.train_texts) if cfg.tie_words else {}
     log(
