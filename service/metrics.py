@@ -49,14 +49,24 @@ def multiprocess_dir() -> str | None:
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
         self._read_cuda: Callable[[], dict[str, int] | None] | None = None
+        self._stages()
+        self._batches()
+        self._counts()
 
-        def seconds(name: str, description: str, labels: tuple[str, ...] = ()) -> Histogram:
-            return Histogram(f"{PREFIX}_{name}", description, labels, buckets=_SECONDS, registry=r)
+    def _seconds(self, name: str, description: str, labels: tuple[str, ...] = ()) -> Histogram:
+        return Histogram(
+            f"{PREFIX}_{name}", description, labels, buckets=_SECONDS, registry=self.registry
+        )
 
+    def _stages(self) -> None:
+        """A histogram per stage of a request: HTTP, tokenising, queue, model; explanations'."""
+        seconds = self._seconds
         self.requests = Counter(
-            f"{PREFIX}_requests", "HTTP requests answered", ["route", "status"], registry=r
+            f"{PREFIX}_requests",
+            "HTTP requests answered",
+            ["route", "status"],
+            registry=self.registry,
         )
         self.request_duration = seconds(
             "request_duration_seconds", "HTTP request duration", ("route",)
@@ -68,6 +78,18 @@ class Metrics:
             "queue_duration_seconds", "Time a text waits before its batch runs"
         )
         self.inference_duration = seconds("inference_duration_seconds", "Model time per batch")
+        self.explain_queue_duration = seconds(
+            "explain_queue_duration_seconds",
+            "Time an explanation waits before its first chunk runs",
+        )
+        self.explain_inference_duration = seconds(
+            "explain_inference_duration_seconds",
+            "Model time per explanation (its chunks, forward and backward, summed)",
+        )
+
+    def _batches(self) -> None:
+        """Batches' shapes, and what waits for one."""
+        r = self.registry
         self.batch_size = Histogram(
             f"{PREFIX}_batch_size", "Texts per model batch", buckets=_POWERS_OF_TWO, registry=r
         )
@@ -83,20 +105,16 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.explain_queue_duration = seconds(
-            "explain_queue_duration_seconds",
-            "Time an explanation waits before its first chunk runs",
-        )
-        self.explain_inference_duration = seconds(
-            "explain_inference_duration_seconds",
-            "Model time per explanation (its chunks, forward and backward, summed)",
-        )
         self.explain_queue_depth = Gauge(
             f"{PREFIX}_explain_queue_depth",
             "Explanations queued or running",
             registry=r,
             multiprocess_mode="livesum",
         )
+
+    def _counts(self) -> None:
+        """Texts, failures by reason, reloads, the served model and its CUDA memory."""
+        r = self.registry
         self.inputs = Counter(f"{PREFIX}_inputs", "Texts accepted for inference", registry=r)
         self.inputs_truncated = Counter(
             f"{PREFIX}_inputs_truncated", "Texts cut to the model's max_length", registry=r
