@@ -12,12 +12,12 @@ of requests/s answered 200 under 256 closed-loop wrk clients on real IMDb test r
 ``LD_PRELOAD`` that ``make serve`` set before the service chose its malloc itself).
 
 ``--ref .`` compares this checkout with itself, the sides differing only by ``--env`` and
-``--ref-env``: one lever measured alone. ``--clients 4,16,64`` measures each client count in
-turn on each started server (the verdict is then a ratio per count):
+``--ref-env`` (settings) or ``--policy`` and ``--ref-policy`` (the scheduler's levers, as
+``python -m bench.serve`` takes them): one lever measured alone. ``--clients 4,16,64``
+measures each client count in turn on each started server (the verdict is then a ratio per
+count):
 
-    python -m bench.compare --ref . --clients 4,16,64 --seconds 15 \
-        --env SENTIMENT_HTTP=httptools --env SENTIMENT_LOOP=uvloop \
-        --ref-env SENTIMENT_HTTP=h11 --ref-env SENTIMENT_LOOP=asyncio
+    python -m bench.compare --ref . --clients 1,4,16 --seconds 15 --ref-policy "--no-fork"
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def saturation(
     tree: Path,
     model: str,
     env: dict[str, str],
+    policy: list[str],
     bodies: Path,
     probe: bytes,
     args: argparse.Namespace,
@@ -66,8 +67,9 @@ def saturation(
 ) -> dict[str, Any]:
     workdir = args.workdir / "compare" / tree.name
     points = {}
+    bundle = tree / "models" / model
     with servers.ours(
-        tree / "models" / model, workdir, probe, source=tree, extra_env=env, name=tree.name
+        bundle, workdir, probe, source=tree, extra_env=env, name=tree.name, policy=policy
     ) as server:
         run_wrk(server.url, bodies, 16, args.warmup)  # warm caches and allocators
         for clients in args.clients:
@@ -88,17 +90,21 @@ def saturation(
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     work = build(args.data, Path(".cache"), args.workdir / "bodies", args.reviews)
     sides = {
-        "this checkout": (REPO_ROOT, dict(args.env)),
-        f"ref {args.ref}": (worktree(args.ref, args.workdir), dict(args.ref_env)),
+        "this checkout": (REPO_ROOT, dict(args.env), args.policy.split()),
+        f"ref {args.ref}": (
+            worktree(args.ref, args.workdir),
+            dict(args.ref_env),
+            args.ref_policy.split(),
+        ),
     }
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     for i in range(args.rounds):
         order = list(sides) if i % 2 == 0 else list(reversed(sides))
         print(f"round {i + 1}: {' then '.join(order)}", flush=True)
         for name in order:
-            tree, env = sides[name]
+            tree, env, policy = sides[name]
             rounds[name].append(
-                saturation(tree, args.model, env, work.single, work.probe(), args, name)
+                saturation(tree, args.model, env, policy, work.single, work.probe(), args, name)
             )
     medians = {
         name: {
@@ -113,6 +119,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "ref": args.ref,
         "env": dict(args.env),
         "ref_env": dict(args.ref_env),
+        "policy": args.policy,
+        "ref_policy": args.ref_policy,
         "clients": args.clients,
         "seconds": args.seconds,
         "rounds": rounds,
@@ -135,6 +143,10 @@ def main() -> None:
             default=[],
             type=lambda kv: tuple(kv.split("=", 1)),
             help=f"KEY=VALUE for {whose} server (repeatable)",
+        )
+    for flag, whose in (("--policy", "this checkout's"), ("--ref-policy", "the earlier commit's")):
+        parser.add_argument(
+            flag, default="", help=f"python -m bench.serve's flags for {whose} server, quoted"
         )
     parser.add_argument("--data", default=default_data_source())
     parser.add_argument("--reviews", type=int, default=2000)

@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="server setting"
     )
+    parser.add_argument(
+        "--policy", default="", help='the scheduler\'s levers, e.g. "--explain-share 0.1"'
+    )
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.env)
 
@@ -87,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     alone: list[dict[str, Any]] = []
     shared: list[dict[str, Any]] = []
     explained: list[dict[str, Any]] = []
-    with servers.ours(args.bundle, args.workdir, work.probe(), extra_env=env) as server:
+    policy = args.policy.split()
+    with servers.ours(
+        args.bundle, args.workdir, work.probe(), extra_env=env, policy=policy
+    ) as server:
         explain_url = server.url.removesuffix("/predict") + "/explain"
         run_wrk(server.url, work.single, 16, 10)  # warm caches and allocators
         for i in range(args.rounds):
@@ -121,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": f"python -m bench.explain_cost {command}",
         "env": env,
+        "policy": args.policy,
         "predict_clients": PREDICT_CLIENTS,
         "explain_clients": EXPLAIN_CLIENTS,
         "seconds": args.seconds,

@@ -28,7 +28,7 @@ import torch
 
 from service.config import Settings
 from service.pipeline import EXPLAIN_CHUNK_TOKENS
-from service.runtime import ModelRuntime
+from service.runtime import UNSCHEDULED, ModelRuntime
 from training.config import default_data_source
 from training.data import load_imdb
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths.append(len(ids))
         t0 = time.perf_counter()
         job = runtime.explanation(ids, args.steps, EXPLAIN_CHUNK_TOKENS)
-        while not job.advance():
+        while not job.advance(UNSCHEDULED):
             pass
         attribution = job.result()
         ig_seconds.append(time.perf_counter() - t0)

@@ -227,11 +227,12 @@ def cost_model(
     batch_sizes: list[int],
     min_seconds: float,
 ) -> dict[str, Any]:
-    """The batcher's cost model (``service.batcher.BatchCost``) fitted to this machine: batches
-    of ``n`` reviews all cut to ``T`` tokens, timed, then ``time = a*T + b*T*n + c`` by least
-    squares. ``step_texts = a / b`` is what SENTIMENT_BATCH_STEP_TEXTS sets; ``c / a`` is a
-    call's cost outside its steps, in steps (``BatchCost.CALL_STEPS`` also covers the server's
-    work per batch, which this does not see)."""
+    """The batcher's cost model (``service.scheduler.BatchCost``) fitted to this machine:
+    batches of ``n`` reviews all cut to ``T`` tokens, timed, then ``time = a*T + b*T*n + c`` by
+    least squares (``fit_cost``). ``step_texts = a / b`` is the scheduler's
+    ``Policy.step_texts``; ``c / a`` is a call's cost outside its steps, in steps
+    (``BatchCost.CALL_STEPS`` also covers the server's work per batch, which this does not
+    see)."""
     sizes = sorted({1, 2, 4, 8, 16, 32, *batch_sizes})
     longest = runtime.truncation.max_length  # 400 for the shipped model: 50, 200 and 400
     rows = []
@@ -242,20 +243,25 @@ def cost_model(
             seconds = size / throughput(runtime, batch, size, min_seconds)  # one batch, repeated
             rows.append({"tokens": length, "texts": size, "ms": round(seconds * 1e3, 3)})
             print(f"  cost  {size:>4} texts x {length:>4} tokens  {seconds * 1e3:9.2f} ms")
-    # Relative errors, not absolute: else the largest batches alone would set the fit.
+    fit = fit_cost(rows)
+    print(f"  cost model: step_texts {fit['step_texts']}, call_steps {fit['call_steps']} ({fit})")
+    return {"batches": rows, "fit": fit}
+
+
+def fit_cost(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``time = a*T + b*T*n + c`` fitted to timed batches (``tokens`` T, ``texts`` n, ``ms``) by
+    least squares of the relative error: else the largest batches alone would set the fit."""
     timed = np.array([r["ms"] for r in rows], dtype=np.float64) / 1e3
     design = np.array([[r["tokens"], r["tokens"] * r["texts"], 1.0] for r in rows])
     ones = np.ones(len(rows), dtype=np.float64)
     (a, b, c), *_ = np.linalg.lstsq(design / timed[:, None], ones, rcond=None)
-    fit = {
+    return {
         "step_us": round(float(a) * 1e6, 2),
         "text_step_us": round(float(b) * 1e6, 2),
         "call_ms": round(float(c) * 1e3, 3),
         "step_texts": round(float(a / b), 2),
         "call_steps": round(float(c / a), 1),
     }
-    print(f"  cost model: step_texts {fit['step_texts']}, call_steps {fit['call_steps']} ({fit})")
-    return {"batches": rows, "fit": fit}
 
 
 def add_dtype_option(parser: argparse.ArgumentParser, default: str, help: str) -> None:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,9 +158,11 @@ def ours(
     name: str = "ours",
     extra_env: dict[str, str] | None = None,
     source: Path | None = None,
+    policy: Sequence[str] = (),
 ) -> Iterator[Server]:
     """``python -m service`` as its users start it. ``source``: another checkout whose
-    ``service`` package to run (it goes first on the import path)."""
+    ``service`` package to run (it goes first on the import path). ``policy``: the
+    scheduler's levers as ``python -m bench.serve`` takes them (that runs instead)."""
     port = free_port()
     env = {
         "SENTIMENT_MODEL_DIR": str(bundle.parent.resolve()),
@@ -175,7 +177,11 @@ def ours(
     if source is not None:
         env["PYTHONPATH"] = str(source.resolve())
     env.update(extra_env or {})
-    command = [sys.executable, "-m", "service"]
+    command = (
+        [sys.executable, "-m", "bench.serve", *policy]
+        if policy
+        else [sys.executable, "-m", "service"]
+    )
     with _serve(name, command, f"http://127.0.0.1:{port}/predict", env, workdir, probe) as s:
         yield s
 

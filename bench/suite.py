@@ -173,7 +173,7 @@ def _measure(
                 # side by side: its /info says.
                 info = httpx.get(server.url.removesuffix("/predict") + "/info", timeout=10).json()
                 measured["cuda_memory"] = info["cuda_memory"]
-                measured["inference_workers"] = info["batching"]["inference_workers"]
+                measured["inference_workers"] = info["scheduler"]["inference_workers"]
         measured_all[name] = measured
     return measured_all
 

@@ -15,9 +15,14 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service import allocator
+
+if TYPE_CHECKING:
+    from service.config import Settings
+    from service.runtime import ModelRuntime
+    from service.scheduler import Policy
 
 EXIT_SETTINGS = 2
 EXIT_BUNDLE = 3
@@ -25,61 +30,97 @@ EXIT_BUNDLE = 3
 log = logging.getLogger("service")
 
 
-def main() -> int:
+def main(policy: Policy | None = None) -> int:
+    """Serve under ``policy`` (a ``scheduler.Policy``; default: the measured levers).
+    ``python -m bench.serve`` passes others."""
     # First: it may restart this process on jemalloc, so the first process should not pay for
     # importing torch (the imports below are here, not at the top, for that reason).
     allocator.exec_on_jemalloc()
 
-    import uvicorn
-    from pydantic import ValidationError
+    from service.app import configure_logging
 
-    from service.app import configure_logging, create_app
-    from service.bundle import BundleError, resolve_device
-    from service.config import Settings
-    from service.runtime import ModelRuntime
-
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"SENTIMENT_{'_'.join(map(str, e['loc'])).upper()}: "
-            + e["msg"].removeprefix("Value error, ")
-            for e in exc.errors()
-        )
-        print(f"error: invalid configuration: {problems}", file=sys.stderr)
+    settings = _settings()
+    if settings is None:
         return EXIT_SETTINGS
     configure_logging(settings)
     allocator.report(settings.allocator)
-    several = settings.processes > 1
+    runtime = _checked_bundle(settings)
+    if runtime is None:
+        return EXIT_BUNDLE
+    if settings.processes == 1:
+        import uvicorn
+
+        from service.app import create_app
+
+        uvicorn.run(create_app(settings, runtime, policy), **uvicorn_options(settings))
+        return 0
+    if policy is not None:
+        print("error: a benchmark's policy reaches one process only", file=sys.stderr)
+        return EXIT_SETTINGS
+    del runtime
+    _serve_processes(settings)
+    return 0
+
+
+def _settings() -> Settings | None:
+    """The settings, or None with the reason on stderr."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
     try:
-        if several:
-            # Checked here on the CPU (the precision the processes will serve where that is
-            # the CPU too); each process loads the model on its device.
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(map(_problem, exc.errors()))
+        print(f"error: invalid configuration: {problems}", file=sys.stderr)
+        return None
+
+
+def _problem(error: Any) -> str:
+    """One validation error as the operator reads it: the variable, then what is wrong."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:
+        return message  # a check across settings names its variables itself
+    return f"SENTIMENT_{'_'.join(map(str, error['loc'])).upper()}: {message}"
+
+
+def _checked_bundle(settings: Settings) -> ModelRuntime | None:
+    """The bundle loaded as it will serve, or None with the reason on stderr. With several
+    processes it is checked here on the CPU (the precision the processes will serve where that
+    is the CPU too); each process then loads the model on its device."""
+    from service.bundle import BundleError, resolve_device
+    from service.runtime import ModelRuntime
+
+    try:
+        if settings.processes > 1:
             on_cpu = resolve_device(settings.device).type == "cpu"
             dtype = settings.dtype if on_cpu else "float32"
-            runtime = ModelRuntime.load(settings.bundle_dir, "cpu", dtype)
-        else:
-            runtime = ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
+            return ModelRuntime.load(settings.bundle_dir, "cpu", dtype)
+        return ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
     except BundleError as exc:
         print(f"error: cannot serve: {exc}", file=sys.stderr)
-        return EXIT_BUNDLE
-    # On SIGTERM uvicorn stops accepting connections and waits for the requests in flight
-    # (each bounded by its deadline); then the lifespan stops the batcher, which answers what
-    # it holds. One process by default: the batcher can only merge requests it sees.
+        return None
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for the settings. On SIGTERM uvicorn stops accepting connections and
+    waits for the requests in flight (each bounded by its deadline); then the lifespan stops
+    the batcher, which answers what it holds."""
     longest_deadline_s = max(settings.request_timeout_s, settings.explain_timeout_s)
-    serving: dict[str, Any] = {
+    return {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": int(longest_deadline_s) + 5,
         "timeout_keep_alive": settings.keep_alive_s,
-        "http": settings.http,
-        "loop": settings.loop,
     }
-    if not several:
-        uvicorn.run(create_app(settings, runtime), **serving)
-        return 0
-    del runtime
+
+
+def _serve_processes(settings: Settings) -> None:
+    """uvicorn as the supervisor of ``settings.processes`` processes on one socket. One
+    process is the default: the batcher can only merge requests it sees."""
+    import uvicorn
+
     metrics_dir = tempfile.mkdtemp(prefix="sentiment-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # read by the processes' imports
     try:
@@ -90,11 +131,10 @@ def main() -> int:
             # A process answers uvicorn's health pings from a thread; loading a model onto a
             # GPU can hold it off for seconds, which must not count as hung.
             timeout_worker_healthcheck=120,
-            **serving,
+            **uvicorn_options(settings),
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

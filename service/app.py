@@ -2,7 +2,8 @@
 and error handlers. Nothing loads at import time.
 
 The lifespan loads the model (unless ``python -m service`` has already loaded and checked it),
-warms it, starts the batcher, and on shutdown, once uvicorn has answered the requests in flight,
+resolves the execution policy for its device (``scheduler``), warms it, starts the batcher, and
+on shutdown, once uvicorn has answered the requests in flight,
 stops the batcher, which answers everything it still holds first.
 """
 
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batcher import BatchCost, DynamicBatcher
+from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics, multiprocess_dir
@@ -32,10 +33,8 @@ from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_respons
 from service.pipeline import Predictor
 from service.reload import Reloader, model_labels
 from service.routes import STATIC_DIR, admin_router, router
-from service.runtime import ForkWhenAlone, ModelRuntime, TorchThreads
-
-# The default cost model on a CPU: `python -m bench.limit --cost-model` (docs/benchmarks.md).
-CPU_STEP_TEXTS = 3.0
+from service.runtime import ModelRuntime
+from service.scheduler import Policy
 
 log = logging.getLogger("service")
 
@@ -61,78 +60,86 @@ async def _sample_every(sample: Callable[[], None], seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
-def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = None) -> FastAPI:
+class _Serving:
+    """What the lifespan starts and stops: the model, its scheduler and batcher, the predictor
+    and the reloader (and, on CUDA with several processes, the memory sampler)."""
+
+    def __init__(self, predictor: Predictor, reloader: Reloader, metrics: Metrics) -> None:
+        self.predictor = predictor
+        self.reloader = reloader
+        self.metrics = metrics
+        self._sampler: asyncio.Task[None] | None = None
+        # SIGHUP reloads the model; a signal handler can only be set from the main thread
+        # (python -m service), not where a test runs the app in a thread of its own.
+        self._on_sighup = threading.current_thread() is threading.main_thread()
+
+    @classmethod
+    async def start(
+        cls, settings: Settings, runtime: ModelRuntime | None, policy: Policy, metrics: Metrics
+    ) -> _Serving:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        model = runtime or ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
+        scheduler = policy.resolve(
+            on_cpu=model.device.type == "cpu",
+            torch_threads=torch.get_num_threads(),
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+        if settings.warmup:
+            await asyncio.to_thread(model.warmup, (1, settings.max_batch_size))
+        batcher = DynamicBatcher(
+            model.infer, scheduler, max_wait_s=settings.max_wait_ms / 1000, metrics=metrics
+        )
+        await batcher.start()
+        predictor = Predictor(model, batcher, settings, metrics)
+        serving = cls(predictor, Reloader(predictor, settings, metrics), metrics)
+        metrics.model_info.labels(*model_labels(model)).set(1)
+        if model.device.type == "cuda":
+            metrics.watch_cuda_memory(model.cuda_memory)
+            if multiprocess_dir():
+                sampler = _sample_every(metrics.sample_cuda_memory, 5.0)
+                serving._sampler = asyncio.create_task(sampler)
+        if serving._on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, serving.reloader.on_signal)
+        card = model.card
+        log.info(
+            "serving %s %s on %s (%s, %d inference workers)",
+            *(card.name, card.version, model.device, model.precision, scheduler.workers),
+        )
+        return serving
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self._on_sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await self.predictor.batcher.stop()  # answers everything already queued first
+        self.predictor.close()
+        self.metrics.process_exited()
+        log.info("batcher drained and stopped")
+
+
+def create_app(
+    settings: Settings | None = None,
+    runtime: ModelRuntime | None = None,
+    policy: Policy | None = None,
+) -> FastAPI:
+    """The app for ``settings``, serving ``runtime`` (default: loaded from the settings'
+    bundle when the lifespan starts) under ``policy`` (default: the levers' measured values;
+    benchmarks and tests pass others)."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        model = runtime or ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
-        workers = inference_workers(settings, model)
-        if model.device.type == "cpu":
-            # Side by side, each worker keeps its share of the threads (a batch on more would
-            # take cores another worker's batch is using); a lone worker may take one thread
-            # for a small batch and all for a large one.
-            share = max(1, torch.get_num_threads() // workers)
-            small = settings.small_batch_texts if workers == 1 else 0
-            model.threads = TorchThreads(share, small)
-        if settings.warmup:
-            await asyncio.to_thread(model.warmup, (1, settings.max_batch_size))
-        batcher = DynamicBatcher(
-            model.infer,
-            max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_wait_s=settings.max_wait_ms / 1000,
-            max_queue=settings.max_queue_texts,
-            max_jobs=settings.explain_max_queue,
-            job_share=settings.explain_share,
-            workers=workers,
-            cost=batch_cost(settings, model),
-            metrics=metrics,
-        )
-        await batcher.start()
-        predictor = Predictor(model, batcher, settings, metrics)
-        # Only where a batch on one thread leaves a core for the fork.
-        if model.device.type == "cpu" and settings.fork_directions and torch.get_num_threads() > 1:
-            model.fork = ForkWhenAlone(predictor.peak_texts_in_progress)
-        metrics.model_info.labels(*model_labels(model)).set(1)
-        sampler = None
-        if model.device.type == "cuda":
-            metrics.watch_cuda_memory(model.cuda_memory)
-            if multiprocess_dir():
-                sampler = asyncio.create_task(_sample_every(metrics.sample_cuda_memory, 5.0))
-        reloader = Reloader(predictor, settings, metrics)
-        # SIGHUP reloads the model; a signal handler can only be set from the main thread
-        # (python -m service), not where a test runs the app in a thread of its own.
-        loop = asyncio.get_running_loop()
-        on_sighup = threading.current_thread() is threading.main_thread()
-        if on_sighup:
-            loop.add_signal_handler(signal.SIGHUP, reloader.on_signal)
-        app.state.predictor = predictor
-        app.state.reloader = reloader
-        log.info(
-            "serving %s %s on %s (%s, %d inference workers)",
-            model.card.name,
-            model.card.version,
-            model.device,
-            model.precision,
-            workers,
-        )
+        serving = await _Serving.start(settings, runtime, policy or Policy(), metrics)
+        app.state.predictor, app.state.reloader = serving.predictor, serving.reloader
         try:
             yield
         finally:
-            if sampler is not None:
-                sampler.cancel()
-            if on_sighup:
-                loop.remove_signal_handler(signal.SIGHUP)
-            app.state.predictor = None
-            app.state.reloader = None
-            await batcher.stop()  # answers everything already queued first
-            predictor.close()
-            metrics.process_exited()
-            log.info("batcher drained and stopped")
+            app.state.predictor = app.state.reloader = None
+            await serving.stop()
 
     app = FastAPI(
         title="Sentiment inference service",
@@ -153,8 +160,15 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
     routes = (*app.routes, *router.routes, *admin_routes)
     paths = frozenset(getattr(r, "path", "") for r in routes) - {""}
     _register_errors(app, metrics, paths)
-    # Added innermost first: metrics see every answer, CORS answers preflights before auth,
-    # and no body is read for a request that auth refuses.
+    _add_middleware(app, settings, metrics, paths)
+    return app
+
+
+def _add_middleware(
+    app: FastAPI, settings: Settings, metrics: Metrics, paths: frozenset[str]
+) -> None:
+    """Added innermost first: metrics see every answer, CORS answers preflights before auth,
+    and no body is read for a request that auth refuses."""
     bodies = frozenset({"/predict", "/explain"})
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, paths=bodies)
     if settings.api_keys:
@@ -170,24 +184,6 @@ def create_app(settings: Settings | None = None, runtime: ModelRuntime | None = 
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(HttpMetrics, metrics=metrics, paths=paths)  # outermost: sees every answer
-    return app
-
-
-def inference_workers(settings: Settings, model: ModelRuntime) -> int:
-    """The setting, else one worker per torch thread on a CPU (batches side by side, each on
-    one core: docs/benchmarks.md, "CPU levers") and one on CUDA (one stream runs them)."""
-    if settings.inference_workers:
-        return settings.inference_workers
-    return torch.get_num_threads() if model.device.type == "cpu" else 1
-
-
-def batch_cost(settings: Settings, model: ModelRuntime) -> BatchCost | None:
-    """The setting (0: no cost model), else 3 texts a step on a CPU (measured: on one thread
-    a step costs about 3 texts' worth however few the batch holds) and none on CUDA."""
-    step_texts = settings.batch_step_texts
-    if step_texts is None:
-        step_texts = CPU_STEP_TEXTS if model.device.type == "cpu" else 0
-    return BatchCost(step_texts) if step_texts > 0 else None
 
 
 def _register_errors(app: FastAPI, metrics: Metrics, paths: frozenset[str]) -> None:

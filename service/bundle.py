@@ -8,7 +8,7 @@ reads it (the service, `training evaluate`, the benchmark and the peer servers i
   logit, right-padded with id ``PAD_ID``; and its two halves, ``embed(ids) -> float32 [batch,
   time, dim]`` and ``forward_embedded(embedded, lengths) -> logits``, so that gradients can be
   taken with respect to the embeddings (explanations). ``forward(ids, lengths)`` equals
-  ``forward_embedded(embed(ids), lengths)``. A bundle exported since 2026-11-25 has a fourth,
+  ``forward_embedded(embed(ids), lengths)``. A bundle may have a fourth, optional,
   ``forward_forked(ids, lengths)``: ``forward``'s logits with each recurrent layer's two
   directions computed at once on two threads (``torch.jit.fork``), which the service uses on a
   CPU for a batch that has the machine to itself; bundles without it are served by ``forward``.
@@ -56,7 +56,7 @@ FILES = (MODEL_FILE, TOKENIZER_FILE, CARD_FILE)
 # 3: model.pt exports embed and forward_embedded; the card is validated (Card).
 FORMAT_VERSION = 3
 ENTRY_POINTS = ("forward", "embed", "forward_embedded")
-FORKED_ENTRY_POINT = "forward_forked"  # optional: bundles exported before 2026-11-25 lack it
+FORKED_ENTRY_POINT = "forward_forked"  # optional: older exports lack it
 PAD_ID = 0  # right padding; the embedding row of id 0 is zero
 LABELS = ("NEGATIVE", "POSITIVE")  # the logit is POSITIVE's
 # The casts of model.pt a bundle can be served in: its float32 weights, cast once at load. Half
@@ -309,15 +309,7 @@ def load(
     card = read_card(folder)
     if tuple(card.labels) != LABELS:
         raise BundleError(f"{folder}/{CARD_FILE} labels {card.labels} are not {LABELS}")
-    try:
-        tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-    except Exception as exc:  # the Rust side raises plain Exception
-        raise BundleError(f"{folder}/{TOKENIZER_FILE} cannot be loaded: {exc}") from exc
-    if tokenizer.truncation is not None:
-        raise BundleError(
-            f"{folder}/{TOKENIZER_FILE} truncates by itself; the card's truncation rule must be "
-            "the only one"
-        )
+    tokenizer = _load_tokenizer(folder)
     try:
         torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     except ValueError as exc:
@@ -327,8 +319,36 @@ def load(
             f"int8 is a CPU-only variant (torch has no CUDA kernels for dynamically quantised "
             f"GRUs); on {torch_device} serve float32 or float16"
         )
+    model = _load_model(folder, torch_device)
+    _check_vocabulary(folder, card, tokenizer, model)
+    if precision == "auto":
+        precision = "int8" if torch_device.type == "cpu" and card.int8 is not None else "float32"
+    if precision == "int8":
+        served = _load_int8(folder, card, torch_device)
+        return Bundle(folder, card, served, tokenizer, torch_device, precision, model)
+    if precision != "float32":
+        model = model.to(dtype=DTYPES[precision])
+    if torch_device.type == "cuda":
+        flatten_rnn_weights(model)
+    return Bundle(folder, card, model, tokenizer, torch_device, precision, model)
+
+
+def _load_tokenizer(folder: Path) -> Tokenizer:
     try:
-        model = torch.jit.load(str(folder / MODEL_FILE), map_location=torch_device).eval()
+        tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    except Exception as exc:  # the Rust side raises plain Exception
+        raise BundleError(f"{folder}/{TOKENIZER_FILE} cannot be loaded: {exc}") from exc
+    if tokenizer.truncation is not None:
+        raise BundleError(
+            f"{folder}/{TOKENIZER_FILE} truncates by itself; the card's truncation rule must be "
+            "the only one"
+        )
+    return tokenizer
+
+
+def _load_model(folder: Path, device: torch.device) -> torch.jit.ScriptModule:
+    try:
+        model = torch.jit.load(str(folder / MODEL_FILE), map_location=device).eval()
     except Exception as exc:  # torch raises RuntimeError or worse on a damaged archive
         raise BundleError(
             f"{folder}/{MODEL_FILE} is not a loadable TorchScript file: {exc}"
@@ -336,6 +356,13 @@ def load(
     absent = [name for name in ENTRY_POINTS if not hasattr(model, name)]
     if absent:
         raise BundleError(f"{folder}/{MODEL_FILE} lacks the entry points {', '.join(absent)}")
+    return model
+
+
+def _check_vocabulary(
+    folder: Path, card: Card, tokenizer: Tokenizer, model: torch.jit.ScriptModule
+) -> None:
+    """The card, the tokenizer and the model's embedding table agree on the vocabulary."""
     rows = _embedding_rows(model)
     if rows != card.architecture.vocab_size:
         raise BundleError(
@@ -347,16 +374,6 @@ def load(
             f"{folder}: the tokenizer has {tokenizer.get_vocab_size()} words but the model's "
             f"embedding table has {rows} rows; {TOKENIZER_FILE} and {MODEL_FILE} do not match"
         )
-    if precision == "auto":
-        precision = "int8" if torch_device.type == "cpu" and card.int8 is not None else "float32"
-    if precision == "int8":
-        served = _load_int8(folder, card, torch_device)
-        return Bundle(folder, card, served, tokenizer, torch_device, precision, model)
-    if precision != "float32":
-        model = model.to(dtype=DTYPES[precision])
-    if torch_device.type == "cuda":
-        flatten_rnn_weights(model)
-    return Bundle(folder, card, model, tokenizer, torch_device, precision, model)
 
 
 RNN_MODULES = ("RNN", "LSTM", "GRU")

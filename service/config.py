@@ -3,6 +3,7 @@ start: a bad value stops the service with a message naming the variable."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -70,13 +71,6 @@ class Settings(BaseSettings):
     explain_timeout_s: float = Field(
         60.0, gt=0, description="deadline per /explain request, queue time included (504)"
     )
-    explain_share: float = Field(
-        0.25,
-        gt=0,
-        le=1,
-        description="most of the inference workers' time explanations take while predictions "
-        "wait (with none waiting they take all of it)",
-    )
     processes: int = Field(
         1,
         ge=1,
@@ -85,39 +79,11 @@ class Settings(BaseSettings):
         "tokenising pool (uvicorn's workers): for a GPU, whose work one process's event loop "
         "cannot keep up with; on a CPU one process batches best",
     )
-    torch_threads: int | None = Field(None, ge=1, description="intra-op CPU threads for torch")
-    inference_workers: int | None = Field(
+    torch_threads: int | None = Field(
         None,
         ge=1,
-        le=64,
-        description="batches the model runs side by side (Triton's model instances), sharing "
-        "torch_threads between them; default: on a CPU one per torch thread, each on one "
-        "thread; on CUDA one",
-    )
-    # 16 measured: 1.21x / 1.23x / 1.08x requests/s at 1 / 4 / 16 clients (docs/benchmarks.md).
-    small_batch_texts: int = Field(
-        16,
-        ge=0,
-        description="CPU, one inference worker: batches of at most this many texts run on one "
-        "torch thread, larger ones on torch_threads (0: all on torch_threads)",
-    )
-    # 3 measured for this model on one thread per worker (docs/benchmarks.md, "CPU levers").
-    batch_step_texts: float | None = Field(
-        None,
-        ge=0,
-        le=4096,
-        description="the batcher's cost model: what one step of the recurrent network costs "
-        "whatever the batch holds, in texts' worth (python -m bench.limit --cost-model measures "
-        "it); each round is cut where the estimated model time is least, so long texts batch "
-        "with long ones. Default: 3 on a CPU, off on CUDA (where a batch's size costs little); "
-        "0: off, batches as full as max_batch_size and max_batch_tokens allow",
-    )
-    fork_directions: bool = Field(
-        True,
-        description="CPU: a batch that has the machine to itself (no other model call, one "
-        "torch thread, no other text in the service since the last call began) computes each "
-        "GRU layer's two directions at once on two threads (the bundle's forward_forked entry "
-        "point, where it has one), so a lone request uses an otherwise idle core",
+        description="CPU threads torch computes on (default: torch's, one per core it sees); "
+        "in a container, its CPU limit: the inference workers split them",
     )
     tokenization_workers: int = Field(
         1,
@@ -133,14 +99,6 @@ class Settings(BaseSettings):
         "with a warning; system: the C library's malloc",
     )
     warmup: bool = Field(True, description="run the model on a few batch shapes before serving")
-    http: Literal["auto", "h11", "httptools"] = Field(
-        "auto",
-        description="uvicorn's HTTP parser: auto takes httptools (C) where it is installed, "
-        "else h11 (pure Python)",
-    )
-    loop: Literal["auto", "asyncio", "uvloop"] = Field(
-        "auto", description="event loop: auto takes uvloop where it is installed, else asyncio"
-    )
     keep_alive_s: int = Field(
         5,
         ge=1,
@@ -210,6 +168,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 "admin_reload serves POST /admin/reload only behind API keys: set api_keys "
                 "(or api_keys_file) and keep the path out of auth_exempt_paths"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        # pydantic-settings ignores a prefixed variable that names no setting: a typo, or a
+        # scheduler lever set as if it were a setting, would silently not apply.
+        known = {f"SENTIMENT_{name.upper()}" for name in type(self).model_fields}
+        unknown = sorted(k for k in os.environ if k.startswith("SENTIMENT_") and k not in known)
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)}: no such setting (README.md lists them; how batches run "
+                "is not a setting: the service chooses it for the device)"
             )
         return self
 

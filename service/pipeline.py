@@ -86,7 +86,6 @@ class _Admission:
         self.request = request  # what the 413 calls a request
         self.busy = busy  # the 429's message, "{}" the count in progress
         self.count = 0
-        self.peak = 0  # the most in progress at once since ``take_peak`` last asked
 
     @contextmanager
     def admit(self, texts: int) -> Iterator[None]:
@@ -102,18 +101,10 @@ class _Admission:
                 retry_after=1,
             )
         self.count += texts
-        self.peak = max(self.peak, self.count)
         try:
             yield
         finally:
             self.count -= texts
-
-    def take_peak(self) -> int:
-        """The most texts in progress at once since the last call, and a new count from now.
-        Called from inference threads while the event loop admits: a lost update only makes a
-        heuristic (``runtime.ForkWhenAlone``) see a load a moment late."""
-        peak, self.peak = max(self.peak, self.count), self.count
-        return peak
 
 
 class Predictor:
@@ -149,11 +140,6 @@ class Predictor:
     def close(self) -> None:
         self._tokenizer_pool.shutdown(wait=True)
 
-    def peak_texts_in_progress(self) -> int:
-        """The most texts admitted to /predict and not yet answered (tokenising, queued or
-        running) at once since the last call."""
-        return self._predictions.take_peak()
-
     async def predict(
         self,
         texts: list[str],
@@ -162,7 +148,8 @@ class Predictor:
         top_k: int | None = None,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
     ) -> Prediction:
-        with self._predictions.admit(len(texts)):
+        # The scheduler decides with the texts in the service (tokenising, queued or running).
+        with self._predictions.admit(len(texts)), self.batcher.scheduler.in_service(len(texts)):
             return await self._predict(texts, truncate, function, top_k, disconnected)
 
     async def _predict(
@@ -258,12 +245,13 @@ class Predictor:
         self.metrics.tokenization_duration.observe(tokenization_s)
         self._check_lengths(runtime, [p.encoded for p in prepared], truncate)
 
-        # The texts and their segments are predictions like any other (all or none admitted),
-        # then one job per text. Each text's label and score are /predict's, from the served
-        # model; the attributions may come from model.pt (an int8 service: see runtime).
+        # The texts and their segments are scored as predictions, queued as the explanations'
+        # own (they do not hold the jobs back), then one job per text. Each text's label and
+        # score are /predict's, from the served model; the attributions may come from model.pt
+        # (an int8 service: see runtime).
         scored_ids = [p.encoded.ids for p in prepared]
         scored_ids += [s.ids for p in prepared for s in p.segments]
-        scored = self.batcher.submit(scored_ids, deadline, runtime.infer)
+        scored = self.batcher.submit(scored_ids, deadline, runtime.infer, background=True)
         jobs: list[asyncio.Future[JobResult]] = []
         attributions = []
         try:

@@ -1,5 +1,6 @@
 """Live model reload: load the bundle the settings point to, check and warm it off the request
-path, then swap it in. Requests admitted before the swap finish on the model that read them
+path, then swap it in. Only the runtime changes: how batches run is the scheduler's, which
+stays. Requests admitted before the swap finish on the model that read them
 (the batcher never mixes models in a batch); requests after it get the new one. A bundle that
 fails its checks is refused and the old model keeps serving.
 
@@ -52,8 +53,6 @@ class Reloader:
             s = self.settings
             try:
                 new = await asyncio.to_thread(ModelRuntime.load, s.bundle_dir, s.device, s.dtype)
-                old = self.predictor.runtime  # its thread settings are serving settings
-                new.threads, new.fork = old.threads, old.fork
                 if s.warmup:
                     await asyncio.to_thread(new.warmup, (1, s.max_batch_size))
             except Exception as exc:  # a BundleError, or a model that fails on its warm-up

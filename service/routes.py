@@ -27,6 +27,7 @@ from service.schemas import (
     PredictRequest,
     PredictResponse,
     ReloadResponse,
+    SchedulerPolicy,
 )
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -152,23 +153,20 @@ async def ready(_: PredictorDep) -> HealthResponse:
     "/info",
     response_model=InfoResponse,
     responses=UNAVAILABLE,
-    summary="The served model (its card) and the batching settings",
+    summary="The served model (its card), the batching settings and how batches run",
 )
 async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
-    batching = settings.model_dump(include=set(BatchSettings.model_fields))
-    batching["inference_workers"] = predictor.batcher.workers  # the setting, resolved
-    cost = predictor.batcher.cost
-    batching["batch_step_texts"] = cost.step_texts if cost else 0.0
     runtime = predictor.runtime
-    batching["fork_directions"] = runtime.fork is not None and runtime.can_fork  # resolved
-    explanations = settings.model_dump(include=set(ExplainSettings.model_fields))
     return InfoResponse(
-        model=predictor.runtime.card.summary(),
-        device=str(predictor.runtime.device),
-        dtype=predictor.runtime.precision,
-        cuda_memory=predictor.runtime.cuda_memory(),
-        batching=BatchSettings.model_validate(batching),
-        explanations=ExplainSettings.model_validate(explanations),
+        model=runtime.card.summary(),
+        device=str(runtime.device),
+        dtype=runtime.precision,
+        cuda_memory=runtime.cuda_memory(),
+        batching=BatchSettings.model_validate(settings, from_attributes=True),
+        scheduler=SchedulerPolicy.model_validate(
+            predictor.batcher.scheduler.describe(runtime.can_fork)
+        ),
+        explanations=ExplainSettings.model_validate(settings, from_attributes=True),
     )
 
 

@@ -1,14 +1,13 @@
 """The model runtime: a loaded bundle, then preprocess, infer and postprocess, as the stages of
-TorchServe's base handler. No HTTP here: the batcher, the benchmark's peers and the tests call
-it directly."""
+TorchServe's base handler. No HTTP and no serving policy here: the batcher, the benchmark's
+peers and the tests call it directly, and a batch runs as the caller's ``Execution`` says (the
+scheduler's choice of threads and entry point); the runtime never asks the layers above."""
 
 from __future__ import annotations
 
 import math
-import threading
 import unicodedata
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -85,8 +84,8 @@ class IntegratedGradients:
     def done(self) -> bool:
         return self._next >= self.steps
 
-    def advance(self) -> bool:
-        """Run the next chunk; True once the explanation is complete."""
+    def advance(self, how: Execution) -> bool:
+        """Run the next chunk (on ``how.threads``); True once the explanation is complete."""
         rt = self.runtime
         # The served model, or model.pt where that is int8 (a quantised GRU has no gradient).
         model, device = rt.differentiable, rt.device
@@ -106,9 +105,8 @@ class IntegratedGradients:
             dtype = self._embedded.dtype
             alphas = torch.tensor(self._alphas[take], dtype=dtype, device=device)
             weights = torch.tensor(self._weights[take], dtype=torch.float32, device=device)
-            if rt.threads is not None:  # a chunk is a batch of len(alphas) interpolated texts
-                rt.threads.use(len(alphas))
-            with rt.calls.running(), torch.enable_grad():
+            _use_threads(how.threads)
+            with torch.enable_grad():
                 path = (alphas[:, None, None] * self._embedded).requires_grad_(True)
                 out = model.forward_embedded(path, length.expand(len(alphas)))
                 (gradients,) = torch.autograd.grad(out.float().sum(), path)
@@ -129,56 +127,17 @@ class IntegratedGradients:
 
 
 @dataclass(frozen=True)
-class TorchThreads:
-    """torch's intra-op CPU threads per batch: one for a batch of at most ``small_batch_texts``
-    texts, ``threads`` for a larger one. On a small machine the event loop, tokenising and the
-    model share the cores: a small batch gains little from a second thread (docs/benchmarks.md,
-    "CPU levers") and the thread takes a core the event loop wants."""
+class Execution:
+    """How the scheduler asks one model call to run: on how many torch intra-op threads (None:
+    leave torch's setting as it is) and, on a CPU, through the bundle's ``forward_forked``
+    entry point (each GRU layer's two directions on two threads) where it has one."""
 
-    threads: int
-    small_batch_texts: int = 0  # 0: every batch on ``threads``
-
-    def use(self, batch_texts: int) -> None:
-        want = 1 if batch_texts <= self.small_batch_texts else self.threads
-        if torch.get_num_threads() != want:  # set where the model runs: the batcher's thread
-            torch.set_num_threads(want)
+    threads: int | None = None
+    forked: bool = False
 
 
-class Calls:
-    """How many model calls are running now, across the threads that make them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._running = 0
-
-    @contextmanager
-    def running(self) -> Iterator[int]:
-        """Count a call while it runs; yields how many others were running when it began."""
-        with self._lock:
-            others = self._running
-            self._running += 1
-        try:
-            yield others
-        finally:
-            with self._lock:
-                self._running -= 1
-
-
-@dataclass(frozen=True)
-class ForkWhenAlone:
-    """When a batch may compute each GRU layer's two directions on two threads (the bundle's
-    ``forward_forked``): when it is all the work there has been. No other model call runs, the
-    batch runs on one torch thread, and since the last model call began the service held no
-    more texts than this batch (``peak_texts_in_service``: the most admitted and not yet
-    answered at once since it was last asked). The second core is idle only then: under a
-    closed loop of even a few clients it is parsing and tokenising their next requests, and a
-    fork there cost 15% at 16 clients (docs/benchmarks.md, "CPU levers")."""
-
-    peak_texts_in_service: Callable[[], int]
-
-    def allows(self, others: int, texts: int) -> bool:
-        peak = self.peak_texts_in_service()  # asked at every call: each starts a new count
-        return others == 0 and torch.get_num_threads() == 1 and peak <= texts
+# A call from outside the scheduler (warm-up, benchmarks, tests): torch's threads, no fork.
+UNSCHEDULED = Execution()
 
 
 class ModelRuntime:
@@ -196,9 +155,6 @@ class ModelRuntime:
         self.truncation = loaded.card.truncation
         self.calibration = loaded.card.calibration
         self.negative, self.positive = loaded.card.labels
-        self.threads: TorchThreads | None = None  # None: torch's own setting, whatever the batch
-        self.calls = Calls()
-        self.fork: ForkWhenAlone | None = None  # None: never (the app sets it, on a CPU)
         forked = getattr(loaded.model, bundle.FORKED_ENTRY_POINT, None)
         self._forked = forked if loaded.device.type == "cpu" else None
 
@@ -234,28 +190,20 @@ class ModelRuntime:
         return Tokens(np.asarray(enc.ids, dtype=np.int64), list(enc.tokens), offsets)
 
     # -- infer ------------------------------------------------------------------------------
-    def infer(self, seqs: list[np.ndarray]) -> np.ndarray:
-        """POSITIVE logits for one batch of token-id sequences."""
+    def infer(self, seqs: list[np.ndarray], how: Execution = UNSCHEDULED) -> np.ndarray:
+        """POSITIVE logits for one batch of token-id sequences, run as ``how`` says (forked
+        only where this model can fork: a bundle without the entry point, or CUDA, cannot)."""
         ids, lengths = bundle.pad(seqs)
-        if self.threads is not None:
-            self.threads.use(len(seqs))
+        _use_threads(how.threads)
         if self._pin:
             ids, lengths = ids.pin_memory(), lengths.pin_memory()
+        run = self._forked if how.forked and self._forked is not None else self.model
         # TorchScript modules reject inference_mode; no_grad is the equivalent here.
-        with self.calls.running() as others, torch.no_grad():
-            logits = self.entry_point(others, len(seqs))(
+        with torch.no_grad():
+            logits = run(
                 ids.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
             )
         return logits.float().cpu().numpy()
-
-    def entry_point(
-        self, others: int, texts: int
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The model's ``forward_forked`` where the bundle has it and ``fork`` allows it for a
-        batch of ``texts`` started while ``others`` calls ran; else ``forward``."""
-        if self._forked is not None and self.fork is not None and self.fork.allows(others, texts):
-            return self._forked
-        return self.model
 
     @property
     def can_fork(self) -> bool:
@@ -306,3 +254,10 @@ class ModelRuntime:
             p = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
             scores = {self.positive: p, self.negative: 1.0 - p}
         return sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+
+
+def _use_threads(threads: int | None) -> None:
+    """torch's intra-op threads for the calling thread's next model call: torch keeps the count
+    per calling thread, so each inference worker sets its own."""
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -207,21 +207,31 @@ class BatchSettings(BaseModel):
     max_inputs_per_request: int
     request_timeout_s: float
     auto_truncate: bool
+    processes: int = Field(description="service processes sharing the port, each its own batcher")
+
+
+class SchedulerPolicy(BaseModel):
+    """How batches run, as the scheduler resolved it for the device (service.scheduler)."""
+
     inference_workers: int = Field(description="batches the model runs side by side")
+    threads_per_batch: int | None = Field(
+        description="torch intra-op threads each batch runs on (null on CUDA: torch's own)"
+    )
     batch_step_texts: float = Field(
         description="the batcher's cost model: a step's fixed cost in texts (0: no cost model)"
     )
     fork_directions: bool = Field(
         description="a lone batch on a CPU computes the GRU's two directions on two threads"
     )
-    processes: int = Field(description="service processes sharing the port, each its own batcher")
+    explain_share: float = Field(
+        description="most of the workers' time explanations take while predictions wait"
+    )
 
 
 class ExplainSettings(BaseModel):
     explain_steps: int
     explain_max_queue: int
     explain_timeout_s: float
-    explain_share: float
 
 
 class CudaMemory(BaseModel):
@@ -240,4 +250,5 @@ class InfoResponse(BaseModel):
         description="bytes on the CUDA device (null on a CPU), as in sentiment_cuda_memory_bytes"
     )
     batching: BatchSettings
+    scheduler: SchedulerPolicy
     explanations: ExplainSettings

@@ -297,8 +297,8 @@ def test_the_limit_on_short_reviews_and_side_by_side_workers(
 def test_the_cost_model_is_fitted_to_timed_batches(
     trained_bundle: Path, imdb_tarball: Path, tmp_path: Path
 ):
-    # What SENTIMENT_BATCH_STEP_TEXTS's default was measured with: if the fit stopped reading
-    # its timings, the documented figure could not be taken again.
+    # What the scheduler's step_texts default was measured with, end to end: every shape
+    # timed (the fit itself is checked against known costs below).
     out = tmp_path / "limit.json"
     args = [str(trained_bundle), "--data", str(imdb_tarball), "--cache-dir", str(tmp_path)]
     args += ["--batch-sizes", "8", "--reviews", "64", "--min-seconds", "0.05", "--cost-model"]
@@ -307,8 +307,24 @@ def test_the_cost_model_is_fitted_to_timed_batches(
     shapes = {(r["tokens"], r["texts"]) for r in cost["batches"]}
     assert shapes == {(t, n) for t in (4, 16, 32) for n in (1, 2, 4, 8, 16, 32)}
     assert all(r["ms"] > 0 for r in cost["batches"])
-    fit = cost["fit"]
-    assert fit["step_texts"] == pytest.approx(fit["step_us"] / fit["text_step_us"], rel=0.01)
+    assert cost["fit"] == limit.fit_cost(cost["batches"])
+
+
+@pytest.mark.parametrize(("step_us", "text_step_us", "call_ms"), [(30, 10, 0.5), (8, 4, 2.0)])
+def test_the_cost_model_fit_recovers_the_costs_that_made_the_timings(
+    step_us: float, text_step_us: float, call_ms: float
+):
+    """If this fails, the fit does not read its timings (or misreads them): the documented
+    step_texts could not be measured again. Two machines' costs, each recovered exactly."""
+    rows = [
+        {"tokens": t, "texts": n, "ms": (step_us * t + text_step_us * t * n) / 1e3 + call_ms}
+        for t in (50, 200, 400)
+        for n in (1, 2, 4, 8, 16, 32, 64)
+    ]
+    fit = limit.fit_cost(rows)
+    assert fit["step_texts"] == pytest.approx(step_us / text_step_us, rel=1e-3)
+    assert fit["call_steps"] == pytest.approx(call_ms * 1e3 / step_us, rel=1e-2)
+    assert fit["call_ms"] == pytest.approx(call_ms, rel=1e-2)
 
 
 def test_a_peer_python_given_is_used_instead_of_a_new_venv(tmp_path: Path):

@@ -20,6 +20,7 @@ import uvicorn
 from bench.servers import ServerError, answers, free_port, wait_until_ready
 from service.app import create_app
 from service.config import Settings
+from service.scheduler import Policy
 from training.tokenizer import train_tokenizer
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "imdb-bigru"
@@ -41,13 +42,17 @@ class RunningServer:
 
 
 @contextmanager
-def serve(bundle: Path, **overrides: Any) -> Iterator[RunningServer]:
-    """``create_app`` under a real uvicorn in a thread of the test process, once ready."""
+def serve(bundle: Path, policy: Policy | None = None, **overrides: Any) -> Iterator[RunningServer]:
+    """``create_app`` under a real uvicorn in a thread of the test process, once ready, with
+    the settings' ``overrides`` and the scheduler's ``policy`` (default: the service's)."""
     settings = Settings(
         model_dir=bundle.parent, model_name=bundle.name, port=free_port(), **overrides
     )
     config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning"
+        create_app(settings, policy=policy),
+        host="127.0.0.1",
+        port=settings.port,
+        log_level="warning",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

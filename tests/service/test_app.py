@@ -14,10 +14,11 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import bundle
-from service.app import CPU_STEP_TEXTS, create_app
+from service.app import create_app
 from service.config import Settings
 from service.routes import get_settings
 from service.runtime import ModelRuntime
+from service.scheduler import CPU_STEP_TEXTS, Policy
 from tests.service.conftest import RunningServer, serve
 
 WORDS = ["great", "dull", "moving", "waste", "the", "film", "plot", "superb", "awful", "a"]
@@ -252,12 +253,13 @@ def test_health_ready_info_and_docs(server: RunningServer, trained_bundle: Path)
     assert info["dtype"] == "float32"
     assert info["cuda_memory"] is None  # a CPU service has no CUDA memory to report
     assert info["batching"]["max_batch_size"] == 64
-    # On a CPU one inference worker per torch thread by default (batches side by side).
-    assert info["batching"]["inference_workers"] == torch.get_num_threads()
-    # On a CPU the batcher cuts rounds by the cost model by default.
-    assert info["batching"]["batch_step_texts"] == CPU_STEP_TEXTS
-    # A lone batch forks the GRU's directions where a second core is there to take them.
-    assert info["batching"]["fork_directions"] == (torch.get_num_threads() > 1)
+    # How batches run is the scheduler's policy, resolved for this CPU: the same as the
+    # scheduler the default policy makes here.
+    threads = torch.get_num_threads()
+    scheduler = Policy().resolve(True, threads, 64, info["batching"]["max_batch_tokens"])
+    assert info["scheduler"] == scheduler.describe(can_fork=True)
+    assert info["scheduler"]["inference_workers"] == threads  # batches side by side
+    assert info["scheduler"]["batch_step_texts"] == CPU_STEP_TEXTS
     assert httpx.get(f"{server.url}/docs").status_code == 200
     spec = httpx.get(f"{server.url}/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
@@ -265,14 +267,14 @@ def test_health_ready_info_and_docs(server: RunningServer, trained_bundle: Path)
 
 
 def test_three_inference_workers_answer_a_flood_as_the_model_does(trained_bundle: Path):
-    """If this fails, batches run side by side (SENTIMENT_INFERENCE_WORKERS) mix up answers or
-    the setting is not applied."""
+    """If this fails, batches run side by side (the policy's workers) mix up answers or the
+    policy is not applied."""
     texts = [review(i) for i in range(120)]
     runtime = ModelRuntime.load(trained_bundle, "cpu")
     encoded = runtime.preprocess(texts)
     want = runtime.infer([e.ids for e in encoded])
-    with serve(trained_bundle, inference_workers=3, max_batch_size=4) as server:
-        assert httpx.get(f"{server.url}/info").json()["batching"]["inference_workers"] == 3
+    with serve(trained_bundle, Policy(workers=3), max_batch_size=4) as server:
+        assert httpx.get(f"{server.url}/info").json()["scheduler"]["inference_workers"] == 3
 
         async def flood() -> list[Any]:
             async with server.async_client() as client:

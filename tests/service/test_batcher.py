@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from service import batcher as batcher_module
-from service.batcher import BatchCost, DynamicBatcher, InferFn, full_cuts, least_cost_cuts
+from service.batcher import DynamicBatcher, InferFn
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
+from service.runtime import Execution
+from service.scheduler import BatchCost, Scheduler
 
 
 class RecordingModel:
@@ -25,10 +27,12 @@ class RecordingModel:
         self.delay = delay
         self.fail = fail
         self.thread_names: set[str] = set()
+        self.hows: list[Execution] = []  # how the scheduler said each batch was to run
 
-    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+    def __call__(self, seqs: list[np.ndarray], how: Execution) -> np.ndarray:
         self.thread_names.add(threading.current_thread().name)
         self.batches.append([len(s) for s in seqs])
+        self.hows.append(how)
         time.sleep(self.delay)
         if self.fail:
             raise RuntimeError("CUDA error: device-side assert (simulated)")
@@ -39,12 +43,22 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(coro)
 
 
-def make(model: InferFn, **overrides: Any) -> DynamicBatcher:
+def make(
+    model: InferFn, max_wait_s: float = 0.05, metrics: Metrics | None = None, **policy: Any
+) -> DynamicBatcher:
+    """A batcher on a scheduler of one worker, no cost model and no fork, unless ``policy``
+    says otherwise (``Scheduler``'s arguments)."""
     options: dict[str, Any] = dict(
-        max_batch_size=8, max_batch_tokens=10_000, max_wait_s=0.05, max_queue=100
+        workers=1,
+        threads=None,
+        cost=None,
+        fork=False,
+        explain_share=0.25,
+        max_batch_size=8,
+        max_batch_tokens=10_000,
     )
-    options.update(overrides)
-    return DynamicBatcher(model, **options)
+    options.update(policy)
+    return DynamicBatcher(model, Scheduler(**options), max_wait_s=max_wait_s, metrics=metrics)
 
 
 def seq(length: int, value: int = 1) -> np.ndarray:
@@ -159,23 +173,6 @@ def test_texts_whose_deadline_passes_in_the_queue_time_out_without_running():
     assert model.batches == [[1]]
 
 
-def test_a_full_queue_refuses_with_retry_after():
-    model = RecordingModel()
-
-    async def scenario() -> None:
-        batcher = make(model, max_queue=3, max_wait_s=1.0)
-        await batcher.start()
-        batcher.submit([seq(1), seq(1)], time.monotonic() + 10)
-        with pytest.raises(ServiceError) as caught:
-            batcher.submit([seq(1), seq(1)], time.monotonic() + 10)  # all or nothing
-        assert caught.value.error_type is ErrorType.OVERLOADED
-        assert caught.value.retry_after == 1
-        assert batcher.depth == 2
-        await batcher.stop()
-
-    run(scenario())
-
-
 def test_cancelled_texts_are_not_computed():
     model = RecordingModel()
 
@@ -224,7 +221,7 @@ class ChunkedJob:
         )
         self.thread_names: set[str] = set()
 
-    def advance(self) -> bool:
+    def advance(self, how: Execution) -> bool:
         self.thread_names.add(threading.current_thread().name)
         time.sleep(self.delay)
         if self.fail:
@@ -239,9 +236,9 @@ class TimelineModel(RecordingModel):
         super().__init__(delay=delay)
         self.timeline = timeline
 
-    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+    def __call__(self, seqs: list[np.ndarray], how: Execution) -> np.ndarray:
         self.timeline.append("batch")
-        return super().__call__(seqs)
+        return super().__call__(seqs, how)
 
 
 def test_a_job_runs_all_its_chunks_in_the_inference_thread_and_reports_its_time():
@@ -277,7 +274,7 @@ def test_jobs_take_their_share_of_the_thread_while_predictions_are_busy(
     job = ChunkedJob(timeline, "job", chunks=10, delay=0.02)
 
     async def scenario() -> None:
-        batcher = make(model, max_batch_size=1, max_wait_s=0, job_share=share)
+        batcher = make(model, max_batch_size=1, max_wait_s=0, explain_share=share)
         await batcher.start()
         deadline = time.monotonic() + 30
         waiting = batcher.submit([seq(1)] * clients, deadline)
@@ -302,7 +299,7 @@ def test_with_no_prediction_waiting_a_job_runs_back_to_back():
     model = TimelineModel(timeline, delay=0.0)
 
     async def scenario() -> None:
-        batcher = make(model, job_share=0.1)
+        batcher = make(model, explain_share=0.1)
         await batcher.start()
         await batcher.submit_job(ChunkedJob(timeline, "job", 5, 0.0), time.monotonic() + 10)
         await batcher.stop()
@@ -345,18 +342,15 @@ def test_a_job_past_its_deadline_stops_between_chunks_with_a_timeout():
     assert 3 <= len(timeline) <= 7  # stopped soon after 0.1 s, not after 100 chunks
 
 
-def test_a_cancelled_job_is_dropped_and_the_job_queue_has_a_bound():
+def test_a_cancelled_job_is_dropped():
     timeline: list[str] = []
 
     async def scenario() -> None:
-        batcher = make(RecordingModel(), max_jobs=2)
+        batcher = make(RecordingModel())
         deadline = time.monotonic() + 10
         await batcher.start()
         gone = batcher.submit_job(ChunkedJob(timeline, "gone", 3, 0.0), deadline)
         kept = batcher.submit_job(ChunkedJob(timeline, "kept", 1, 0.0), deadline)
-        with pytest.raises(ServiceError) as caught:
-            batcher.submit_job(ChunkedJob(timeline, "third", 1, 0.0), deadline)
-        assert caught.value.error_type is ErrorType.OVERLOADED
         gone.cancel()  # the client went away before it ran
         await kept
         await batcher.stop()
@@ -381,7 +375,7 @@ def test_stop_finishes_accepted_jobs():
 def test_texts_for_two_models_never_share_a_batch():
     """If this fails, a model swap (reload) could score one request with two models."""
     old, new = RecordingModel(), RecordingModel()
-    new_logit = lambda seqs: new(seqs) + 1000  # noqa: E731  (a different model's answers)
+    new_logit = lambda seqs, how: new(seqs, how) + 1000  # noqa: E731  (a different model)
 
     async def scenario() -> list[float]:
         batcher = make(old, max_batch_size=64, max_wait_s=0.05)
@@ -412,11 +406,11 @@ class MeetingModel(RecordingModel):
         self.barrier = threading.Barrier(parties, timeout=5)
         self.fail_on = fail_on
 
-    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+    def __call__(self, seqs: list[np.ndarray], how: Execution) -> np.ndarray:
         self.barrier.wait()
         if self.fail_on is not None and any(int(s[0]) == self.fail_on for s in seqs):
             raise RuntimeError("a batch failed (simulated)")
-        return super().__call__(seqs)
+        return super().__call__(seqs, how)
 
 
 def test_two_workers_run_two_batches_side_by_side():
@@ -459,17 +453,17 @@ def test_a_job_chunk_and_a_batch_share_two_workers():
     barrier = threading.Barrier(2, timeout=5)
 
     class MeetingJob(ChunkedJob):
-        def advance(self) -> bool:
+        def advance(self, how: Execution) -> bool:
             barrier.wait()
-            return super().advance()
+            return super().advance(how)
 
     timeline: list[str] = []
     model = TimelineModel(timeline, delay=0)
     model_call = model.__call__
 
-    def meeting_model(seqs: list[np.ndarray]) -> np.ndarray:
+    def meeting_model(seqs: list[np.ndarray], how: Execution) -> np.ndarray:
         barrier.wait()
-        return model_call(seqs)
+        return model_call(seqs, how)
 
     async def scenario() -> None:
         batcher = make(meeting_model, max_wait_s=0, workers=2)
@@ -497,30 +491,6 @@ def test_stop_with_two_workers_answers_every_batch_in_flight():
 
     assert run(scenario()) == [float(i + 1) for i in range(9)]
     assert sorted(n for batch in model.batches for n in batch) == list(range(1, 10))
-
-
-def _batches(ends: list[int]) -> list[tuple[int, int]]:
-    return list(zip([0, *ends], ends, strict=False))
-
-
-def test_least_cost_cuts_find_the_cheapest_way_to_cut_a_sorted_round():
-    """If this fails, the cost model's cuts are not the cheapest (the batcher pads more than it
-    needs to) or break the bounds: every partition of small rounds is tried by brute force."""
-    rng = np.random.default_rng(0)
-    cost = BatchCost(step_texts=3.0)
-    for _ in range(200):
-        lengths = sorted(int(n) for n in rng.integers(1, 400, size=int(rng.integers(1, 9))))
-        spans = [max(1, min(4, 1200 // n)) for n in lengths]
-        every = [
-            [*(i + 1 for i in range(len(lengths) - 1) if mask >> i & 1), len(lengths)]
-            for mask in range(2 ** (len(lengths) - 1))
-        ]
-        allowed = [e for e in every if all(b - a <= spans[b - 1] for a, b in _batches(e))]
-        totals = [sum(cost(b - a, lengths[b - 1]) for a, b in _batches(e)) for e in allowed]
-        ends = least_cost_cuts(spans, lengths, cost)
-        assert ends in allowed
-        assert totals[allowed.index(ends)] == pytest.approx(min(totals))
-        assert full_cuts(spans) in allowed
 
 
 def test_a_cost_model_batches_long_texts_apart_from_short_ones_oldest_first():
@@ -551,10 +521,10 @@ class SteppedModel(RecordingModel):
         self.started = threading.Semaphore(0)
         self.go = threading.Semaphore(0)
 
-    def __call__(self, seqs: list[np.ndarray]) -> np.ndarray:
+    def __call__(self, seqs: list[np.ndarray], how: Execution) -> np.ndarray:
         self.started.release()
         self.go.acquire(timeout=10)
-        return super().__call__(seqs)
+        return super().__call__(seqs, how)
 
 
 def test_texts_left_for_a_later_batch_are_sorted_again_with_newcomers():

@@ -4,12 +4,15 @@ the tiny exported bundle (truncation, limits, errors, metrics)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from pydantic import TypeAdapter
 
+from service import batcher
+from service.scheduler import Policy
 from service.schemas import ExplainResponse
 from tests.service.conftest import RunningServer, serve
 from tests.service.test_app import metric
@@ -17,6 +20,16 @@ from tests.service.test_int8 import INT8_BATCH_TOLERANCE
 
 EXAMPLE = "The acting was wonderful but the plot was dull."
 explanations = TypeAdapter(ExplainResponse)
+
+
+def test_an_idle_server_starts_an_explanation_at_once(shipped: RunningServer):
+    """If this fails, an explanation's own sentence scores count as /predict traffic again and
+    every /explain on an idle server sits out the batcher's idle window (0.1 s) first."""
+    for _ in range(2):  # the second: the first explanation's own scores were recent activity
+        time.sleep(2 * batcher.PREDICTIONS_IDLE_S)  # whatever an earlier test sent is over
+        response = httpx.post(f"{shipped.url}/explain", json={"inputs": EXAMPLE}, timeout=60)
+        assert response.status_code == 200
+        assert float(response.headers["x-queue-time"]) < 1e3 * batcher.PREDICTIONS_IDLE_S / 2
 
 
 def test_the_shipped_model_explains_the_example(shipped: RunningServer):
@@ -129,12 +142,12 @@ def test_an_explanation_past_its_deadline_answers_504(trained_bundle: Path):
         assert metric(server, "sentiment_failures_total", route="/explain", reason="timeout") == 1
 
 
-def test_info_reports_the_explanation_settings(trained_bundle: Path):
-    with serve(trained_bundle, explain_steps=16, explain_share=0.5) as server:
+def test_info_reports_the_explanation_settings_and_share(trained_bundle: Path):
+    with serve(trained_bundle, Policy(explain_share=0.5), explain_steps=16) as server:
         info = httpx.get(f"{server.url}/info").json()
         assert info["explanations"] == {
             "explain_steps": 16,
             "explain_max_queue": 8,
             "explain_timeout_s": 60.0,
-            "explain_share": 0.5,
         }
+        assert info["scheduler"]["explain_share"] == 0.5

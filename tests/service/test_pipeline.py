@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service import bundle
@@ -14,17 +15,24 @@ from service.batcher import DynamicBatcher
 from service.config import Settings
 from service.metrics import Metrics
 from service.pipeline import Predictor
-from service.runtime import Encoded, ModelRuntime
+from service.runtime import UNSCHEDULED, Encoded, Execution, ModelRuntime
+from service.scheduler import Policy
 
 
 class SlowTokenizer(ModelRuntime):
-    """The tiny model, with a tokeniser that takes 0.2 s and counts how many run at once."""
+    """The tiny model, with a tokeniser that takes 0.2 s and counts how many run at once; it
+    records how each batch was told to run."""
 
     def __init__(self, loaded: bundle.Bundle) -> None:
         super().__init__(loaded)
         self._lock = threading.Lock()
         self.running = 0
         self.most_at_once = 0
+        self.hows: list[Execution] = []
+
+    def infer(self, seqs: list[np.ndarray], how: Execution = UNSCHEDULED) -> np.ndarray:
+        self.hows.append(how)
+        return super().infer(seqs, how)
 
     def preprocess(self, texts: list[str]) -> list[Encoded]:
         with self._lock:
@@ -36,11 +44,18 @@ class SlowTokenizer(ModelRuntime):
         return super().preprocess(texts)
 
 
+def _batcher(runtime: ModelRuntime) -> DynamicBatcher:
+    """A batcher on the default policy for a 2-core CPU: two workers of one thread each, a
+    lone batch forked."""
+    scheduler = Policy().resolve(
+        on_cpu=True, torch_threads=2, max_batch_size=64, max_batch_tokens=32_768
+    )
+    return DynamicBatcher(runtime.infer, scheduler, max_wait_s=0)
+
+
 async def _predict_at_once(runtime: ModelRuntime, settings: Settings, requests: int) -> None:
     metrics = Metrics()
-    batcher = DynamicBatcher(
-        runtime.infer, max_batch_size=64, max_batch_tokens=32_768, max_wait_s=0, max_queue=512
-    )
+    batcher = _batcher(runtime)
     await batcher.start()
     predictor = Predictor(runtime, batcher, settings, metrics)
     try:
@@ -64,28 +79,28 @@ def test_requests_tokenise_on_as_many_threads_as_configured(trained_bundle: Path
     assert runtime.most_at_once == workers
 
 
-def test_the_peak_of_texts_in_progress_counts_requests_that_came_and_went(trained_bundle: Path):
-    """The fork policy (``runtime.ForkWhenAlone``) reads this peak: if it forgot requests that
-    were answered before it asked, a batch would fork while the event loop is busy with the
-    next ones; if it never started a new count, a lone request after a burst would not fork."""
+def test_the_scheduler_hears_of_every_request_the_pipeline_admits(trained_bundle: Path):
+    """The fork reads the texts in the service, which the pipeline pushes down: if it forgot
+    requests that came and went between two batches, a batch would fork while the event loop
+    is busy with the next ones; if it never started a new count, a lone request after a burst
+    would not fork: the count runs from one batch's start to the next."""
     runtime = SlowTokenizer(bundle.load(trained_bundle, "cpu"))
 
-    async def burst() -> list[int]:
-        batcher = DynamicBatcher(
-            runtime.infer, max_batch_size=64, max_batch_tokens=32_768, max_wait_s=0, max_queue=64
-        )
+    async def burst_then_alone() -> None:
+        batcher = _batcher(runtime)
         await batcher.start()
         predictor = Predictor(runtime, batcher, Settings(), Metrics())
         try:
-            peaks = [predictor.peak_texts_in_progress()]
             texts = [["a fine film"], ["a dull film"], ["one", "two", "three"]]
             await asyncio.gather(*(predictor.predict(t) for t in texts))
-            peaks += [predictor.peak_texts_in_progress(), predictor.peak_texts_in_progress()]
             await predictor.predict(["alone"])
-            peaks.append(predictor.peak_texts_in_progress())
-            return peaks
+            await predictor.predict(["alone again"])
         finally:
             await batcher.stop()
             predictor.close()
 
-    assert asyncio.run(burst()) == [0, 5, 0, 1]
+    asyncio.run(burst_then_alone())
+    *burst, after, alone = runtime.hows
+    assert [how.forked for how in burst] == [False] * len(burst)  # others were in the service
+    assert not after.forked  # the burst's last texts were there when the last batch began
+    assert alone.forked  # they had left by the time the batch before this one began

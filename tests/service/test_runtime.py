@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from service import bundle
 from service.bundle import BundleError
-from service.runtime import ForkWhenAlone, ModelRuntime, TorchThreads
+from service.runtime import Execution, ModelRuntime
 from tests.service.conftest import corrupt_model_file, oversize_tokenizer
 
 TEXTS = ["A great, moving film.", "Dull and clumsy, a waste.", "naïve Amélie 😀 " * 30]
@@ -49,51 +49,48 @@ def test_batched_inference_equals_one_text_at_a_time(runtime: ModelRuntime):
     np.testing.assert_allclose(batched[0], direct.numpy()[0], rtol=0, atol=1e-6)
 
 
-def test_small_batches_run_on_one_torch_thread_and_larger_ones_on_all(trained_bundle: Path):
-    """If this fails, SENTIMENT_SMALL_BATCH_TEXTS no longer reaches the thread the model runs
-    in, and lone requests contend with the event loop for the cores again."""
+def test_a_batch_runs_on_the_threads_the_scheduler_gives_it(trained_bundle: Path):
+    """If this fails, the scheduler's threads per batch no longer reach the thread the model
+    runs in: workers side by side would each take every core."""
     runtime = ModelRuntime.load(trained_bundle, "cpu")
-    runtime.threads = TorchThreads(threads=3, small_batch_texts=2)
     seqs = [e.ids for e in runtime.preprocess(TEXTS)]
     before = torch.get_num_threads()
     try:
         expected = runtime.infer(seqs)
-        seen = []
-        for batch in (seqs[:1], seqs[:2], seqs, seqs[:1]):
-            logits = runtime.infer(batch)
-            seen.append(torch.get_num_threads())
-            np.testing.assert_allclose(logits, expected[: len(batch)], rtol=0, atol=1e-6)
-        assert seen == [1, 1, 3, 1]
+        for threads in (1, 3):
+            logits = runtime.infer(seqs, Execution(threads))
+            assert torch.get_num_threads() == threads
+            np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-6)
     finally:
         torch.set_num_threads(before)
 
 
-def test_a_batch_alone_on_one_thread_runs_the_forked_entry_point(trained_bundle: Path):
+def _entry_points_run(runtime: ModelRuntime, seqs: list[np.ndarray], how: Execution) -> set[str]:
+    """The model's logits under ``how``, and whether the profiler saw a forked function."""
+    with torch.profiler.profile() as profile:
+        runtime.infer(seqs, how)
+    return {event.name for event in profile.events()} & {"<forked function>", "forward_forked"}
+
+
+def test_a_batch_told_to_fork_runs_the_forked_entry_point_and_the_same_logits(
+    trained_bundle: Path,
+):
     """If this fails, a lone request no longer gets the idle core (the GRU's directions one
-    after the other), or a batch forks while other work is in the service and takes a core
-    that work needs (docs/benchmarks.md, "CPU levers": 0.85x at 16 clients)."""
+    after the other: the profiler sees no forked function), or the forked entry point answers
+    differently from ``forward``."""
     runtime = ModelRuntime.load(trained_bundle, "cpu")
-    forked, forward = runtime.model.forward_forked, runtime.model
     seqs = [e.ids for e in runtime.preprocess(TEXTS)]
-    in_service = [len(seqs)]  # texts admitted and not yet answered
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        sequential = runtime.infer(seqs)
-        assert runtime.entry_point(0, 3) is forward  # off until the app turns it on
-        runtime.fork = ForkWhenAlone(lambda: in_service[0])
-        assert runtime.entry_point(0, 3) == forked
-        np.testing.assert_allclose(runtime.infer(seqs), sequential, rtol=0, atol=0)
-        assert runtime.entry_point(1, 3) is forward  # another batch runs beside it
-        in_service[0] = 4
-        assert runtime.entry_point(0, 3) is forward  # a text waits or tokenises meanwhile
-        in_service[0] = 3
-        with runtime.calls.running() as others:  # e.g. an explanation's chunk on a worker
-            assert others == 0
-            with runtime.calls.running() as during:
-                assert during == 1
-        torch.set_num_threads(2)
-        assert runtime.entry_point(0, 3) is forward  # the batch has two threads: no spare core
+        sequential = runtime.infer(seqs, Execution(1))
+        assert _entry_points_run(runtime, seqs, Execution(1)) == set()
+        assert _entry_points_run(runtime, seqs, Execution(1, forked=True)) == {
+            "<forked function>",
+            "forward_forked",
+        }
+        np.testing.assert_allclose(
+            runtime.infer(seqs, Execution(1, forked=True)), sequential, rtol=0, atol=0
+        )
     finally:
         torch.set_num_threads(before)
 
@@ -254,7 +251,7 @@ def test_cuda_recurrent_weights_are_flattened_for_cudnn(trained_bundle: Path):
 def explain(runtime: ModelRuntime, ids: np.ndarray, steps: int, chunk_tokens: int = 4096):
     job = runtime.explanation(ids, steps, chunk_tokens)
     chunks = 1
-    while not job.advance():
+    while not job.advance(Execution()):
         chunks += 1
     return job.result(), chunks
 
@@ -290,7 +287,7 @@ def test_integrated_gradients_are_complete_and_the_same_in_any_chunking(runtime:
 
 def test_an_explanation_reports_its_result_only_when_complete(runtime: ModelRuntime):
     job = runtime.explanation(runtime.preprocess(["great"])[0].ids, 4, chunk_tokens=1)
-    job.advance()
+    job.advance(Execution())
     with pytest.raises(RuntimeError, match="has not run all its steps"):
         job.result()
 
