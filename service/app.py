@@ -87,7 +87,7 @@ class _Serving:
             max_batch_tokens=settings.max_batch_tokens,
         )
         if settings.warmup:
-            await asyncio.to_thread(model.warmup, (1, settings.max_batch_size))
+            await asyncio.to_thread(model.warmup, (1, settings.max_batch_size), scheduler.alone())
         batcher = DynamicBatcher(
             model.infer, scheduler, max_wait_s=settings.max_wait_ms / 1000, metrics=metrics
         )

@@ -54,7 +54,8 @@ class Reloader:
             try:
                 new = await asyncio.to_thread(ModelRuntime.load, s.bundle_dir, s.device, s.dtype)
                 if s.warmup:
-                    await asyncio.to_thread(new.warmup, (1, s.max_batch_size))
+                    how = self.predictor.batcher.scheduler.alone()
+                    await asyncio.to_thread(new.warmup, (1, s.max_batch_size), how)
             except Exception as exc:  # a BundleError, or a model that fails on its warm-up
                 self.metrics.reloads.labels("failed").inc()
                 # A BundleError's message is the service's own (what is wrong with which file):

@@ -173,6 +173,10 @@ class Scheduler:
         alone = running == 0 and self.threads == 1 and peak <= texts
         return Execution(self.threads, forked=self.fork and alone)
 
+    def alone(self) -> Execution:
+        """How a batch that has the machine to itself runs (what the warm-up runs)."""
+        return Execution(self.threads, forked=self.fork)
+
     def chunk(self) -> Execution:
         """How an explanation's chunk runs: on the worker's threads, never forked (the
         gradient goes through ``forward_embedded``)."""

@@ -95,6 +95,26 @@ def test_a_batch_told_to_fork_runs_the_forked_entry_point_and_the_same_logits(
         torch.set_num_threads(before)
 
 
+def test_the_warm_up_runs_on_the_threads_and_entry_point_batches_will_use(
+    trained_bundle: Path,
+):
+    """If this fails, the warm-up starts torch's inter-op threads on other intra-op threads than
+    the batches': in the server a lone review then ran at half its rate."""
+    runtime = ModelRuntime.load(trained_bundle, "cpu")
+    before = torch.get_num_threads()
+    try:
+        with torch.profiler.profile() as profile:
+            runtime.warmup((1,), Execution(1, forked=True))
+        assert torch.get_num_threads() == 1
+        assert "<forked function>" in {event.name for event in profile.events()}
+        torch.set_num_threads(2)
+        with torch.profiler.profile() as profile:
+            runtime.warmup((1,), Execution(1))  # a policy without the fork warms no fork
+        assert "<forked function>" not in {event.name for event in profile.events()}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_postprocess_applies_the_temperature(runtime: ModelRuntime):
     runtime_t = runtime.calibration.temperature
     (top, p), (other, q) = runtime.postprocess(2.0, 300)
