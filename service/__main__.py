@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -33,16 +34,22 @@ log = logging.getLogger("service")
 def main(policy: Policy | None = None) -> int:
     """Serve under ``policy`` (a ``scheduler.Policy``; default: the measured levers).
     ``python -m bench.serve`` passes others."""
-    # First: it may restart this process on jemalloc, so the first process should not pay for
+    # SIGHUP's default action ends the process, and a rollout may send it to one still
+    # starting: ignored from here (across the exec below too) until it is noted, then
+    # handled by the lifespan as a reload.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Next: it may restart this process on jemalloc, so the first process should not pay for
     # importing torch (the imports below are here, not at the top, for that reason).
     allocator.exec_on_jemalloc()
 
+    from service import reload
     from service.app import configure_logging
 
     settings = _settings()
     if settings is None:
         return EXIT_SETTINGS
     configure_logging(settings)
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload.request_during_start())
     allocator.report(settings.allocator)
     runtime = _checked_bundle(settings)
     if runtime is None:

@@ -25,11 +25,12 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import reload
 from service.batcher import DynamicBatcher
-from service.config import Settings
+from service.config import ADMIN_RELOAD, Settings
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics, multiprocess_dir
-from service.middleware import ApiKeyAuth, BodyGuard, HttpMetrics, error_response
+from service.middleware import ApiKeyAuth, BodyGuard, HeadAsGet, HttpMetrics, error_response
 from service.pipeline import Predictor
 from service.reload import Reloader, model_labels
 from service.routes import STATIC_DIR, admin_router, router
@@ -102,6 +103,8 @@ class _Serving:
                 serving._sampler = asyncio.create_task(sampler)
         if serving._on_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, serving.reloader.on_signal)
+        if reload.take_request_during_start():
+            serving.reloader.on_signal()
         card = model.card
         log.info(
             "serving %s %s on %s (%s, %d inference workers)",
@@ -169,13 +172,19 @@ def _add_middleware(
 ) -> None:
     """Added innermost first: metrics see every answer, CORS answers preflights before auth,
     and no body is read for a request that auth refuses."""
+    app.add_middleware(HeadAsGet)
     bodies = frozenset({"/predict", "/explain"})
-    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, paths=bodies)
-    if settings.api_keys:
-        keys = [k.get_secret_value() for k in settings.api_keys]
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, paths=bodies, metrics=metrics)
+    if settings.api_keys or settings.admin_api_keys:
         # The page and its files hold nothing secret; the API calls it makes carry the key.
-        exempt = [*settings.auth_exempt_paths, "/"]
-        app.add_middleware(ApiKeyAuth, keys=keys, exempt=exempt, exempt_prefixes=("/static/",))
+        app.add_middleware(
+            ApiKeyAuth,
+            keys=[k.get_secret_value() for k in settings.api_keys],
+            exempt=[*settings.auth_exempt_paths, "/"],
+            exempt_prefixes=("/static/",),
+            admin_keys=[k.get_secret_value() for k in settings.admin_api_keys],
+            admin_paths=[ADMIN_RELOAD],
+        )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -214,7 +223,12 @@ def _register_errors(app: FastAPI, metrics: Metrics, paths: frozenset[str]) -> N
         kind = kinds.get(
             exc.status_code, ErrorType.VALIDATION if exc.status_code < 500 else ErrorType.BACKEND
         )
-        response = answer(request, ServiceError(kind, str(exc.detail)))
+        message = str(exc.detail)
+        if exc.status_code == 400:
+            # FastAPI's answer to a body its JSON parser gave up on (nested too deep, or a
+            # number too long to convert), which json_invalid does not cover.
+            kind, message = ErrorType.INVALID_JSON, f"body is not valid JSON: {message.lower()}"
+        response = answer(request, ServiceError(kind, message))
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
         return response
 

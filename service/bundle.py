@@ -209,6 +209,9 @@ class Int8Variant(BaseModel):
     created_at: str
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+
+
 class ModelSummary(BaseModel):
     """What a client of the service may see of the card (``GET /info``): the training run's
     paths, command and history stay out."""
@@ -216,8 +219,10 @@ class ModelSummary(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     format_version: Literal[3]
-    name: str = Field(min_length=1)
-    version: str = Field(min_length=1)
+    # Both reach HTTP headers, metric labels and log lines: a control character there (a CR
+    # or LF) would break every answer while the model itself loads fine.
+    name: str = Field(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '+', '-'")
+    version: str = Field(pattern=NAME_PATTERN, description="e.g. 3.0.0")
     task: str
     labels: tuple[str, str]
     truncation: Truncation

@@ -111,7 +111,14 @@ class Settings(BaseSettings):
         description="accepted API keys, comma-separated; none: no authentication",
     )
     api_keys_file: Path | None = Field(
-        None, description="file with one accepted API key per line (# comments allowed)"
+        None,
+        description="file of accepted API keys: one per line, UTF-8; blank lines and lines "
+        "starting with # are ignored; a key is printable ASCII with no space or #",
+    )
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="keys for the admin routes (POST /admin/reload), comma-separated; a client "
+        "key is refused there (403)",
     )
     auth_exempt_paths: CommaList = Field(
         default_factory=lambda: ["/health", "/ready", "/metrics"],
@@ -119,8 +126,8 @@ class Settings(BaseSettings):
     )
     admin_reload: bool = Field(
         False,
-        description="serve POST /admin/reload (reload the model, as SIGHUP does); needs API "
-        "keys, and the path must not be exempt from them",
+        description="serve POST /admin/reload (reload the model, as SIGHUP does); needs "
+        "admin_api_keys, and the path must not be exempt from keys",
     )
     cors_origins: CommaList = Field(
         default_factory=list, description="origins allowed by CORS; none: CORS off"
@@ -148,26 +155,35 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("api_keys", "admin_api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        # Set but empty (an unset ${VAR} in compose) must not mean "no authentication".
+        if isinstance(value, str):
+            keys = [part.strip() for part in value.split(",") if part.strip()]
+            if not keys:
+                raise ValueError("set but holds no key; unset it for no authentication")
+            for key in keys:
+                _check_key(key, "a key")
+            return keys
+        return value
+
     @model_validator(mode="after")
     def _read_keys_file(self) -> Settings:
         if self.api_keys_file is not None:
-            try:
-                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise ValueError(f"api_keys_file {self.api_keys_file}: {exc.strerror}") from exc
-            keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-            if not keys:
-                raise ValueError(f"api_keys_file {self.api_keys_file} holds no key")
+            keys = read_keys_file(self.api_keys_file)
             self.api_keys = [*self.api_keys, *map(SecretStr, keys)]
         if self.admin_reload and self.processes > 1:
             raise ValueError(
                 "admin_reload reloads the one process a request reaches; with processes > 1 "
                 "send SIGHUP to the parent process, which replaces the processes one by one"
             )
-        if self.admin_reload and (not self.api_keys or ADMIN_RELOAD in self.auth_exempt_paths):
+        if self.admin_reload and (
+            not self.admin_api_keys or ADMIN_RELOAD in self.auth_exempt_paths
+        ):
             raise ValueError(
-                "admin_reload serves POST /admin/reload only behind API keys: set api_keys "
-                "(or api_keys_file) and keep the path out of auth_exempt_paths"
+                "admin_reload serves POST /admin/reload only behind admin keys: set "
+                "admin_api_keys and keep the path out of auth_exempt_paths"
             )
         return self
 
@@ -187,3 +203,34 @@ class Settings(BaseSettings):
     @property
     def bundle_dir(self) -> Path:
         return self.model_dir / self.model_name
+
+
+def _check_key(key: str, where: str) -> None:
+    if not key.isascii() or not key.isprintable() or any(c in key for c in " #\t"):
+        raise ValueError(
+            f"{where} holds a space, a '#' or a character that is not printable ASCII (a "
+            "comment goes on a line of its own)"
+        )
+
+
+def read_keys_file(path: Path) -> list[str]:
+    """The keys of an API keys file, strictly: one key per line; blank lines and lines whose
+    first character (after indentation) is # are skipped; anything else that is not a key
+    (a space, an inline comment) is an error naming the line. A UTF-8 byte-order mark is
+    allowed."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except OSError as exc:
+        raise ValueError(f"api_keys_file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise ValueError(f"api_keys_file {path} is not UTF-8 text") from None
+    keys = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        _check_key(text, f"api_keys_file {path} line {number}")
+        keys.append(text)
+    if not keys:
+        raise ValueError(f"api_keys_file {path} holds no key")
+    return keys

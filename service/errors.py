@@ -13,6 +13,7 @@ class ErrorType(StrEnum):
     INVALID_ENCODING = "invalid_encoding"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
     VALIDATION = "validation"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     TOO_MANY_INPUTS = "too_many_inputs"
@@ -32,6 +33,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.INVALID_ENCODING: 400,
     ErrorType.UNSUPPORTED_MEDIA_TYPE: 415,
     ErrorType.UNAUTHORIZED: 401,
+    ErrorType.FORBIDDEN: 403,
     ErrorType.VALIDATION: 422,
     ErrorType.PAYLOAD_TOO_LARGE: 413,
     ErrorType.TOO_MANY_INPUTS: 413,

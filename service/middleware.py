@@ -1,5 +1,6 @@
-"""Pure ASGI middleware: request metrics, and the checks a body must pass before FastAPI parses
-it (size, content type, UTF-8), each answered with the service's JSON error."""
+"""Pure ASGI middleware: request metrics, API keys, HEAD as GET, and the checks a body must pass
+before FastAPI parses it (size, content type, UTF-8), each answered with the service's JSON
+error."""
 
 from __future__ import annotations
 
@@ -29,8 +30,24 @@ def error_response(error: ServiceError) -> JSONResponse:
     )
 
 
+class HeadAsGet:
+    """HEAD answers as GET does, headers only (RFC 9110): load balancers and uptime checks
+    probe with HEAD, and FastAPI routes a GET route's HEAD to 405. The app sees a copy of the
+    request as GET; uvicorn, which keeps its own, drops the body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 class ApiKeyAuth:
-    """``Authorization: Bearer <key>`` on every path but the exempt ones."""
+    """``Authorization: Bearer <key>``: on the admin paths an admin key (a client key gets
+    403), on every other path but the exempt ones a client or admin key where client keys are
+    set. More than one Authorization header is refused, whichever would match."""
 
     def __init__(
         self,
@@ -38,45 +55,74 @@ class ApiKeyAuth:
         keys: Iterable[str],
         exempt: Iterable[str],
         exempt_prefixes: tuple[str, ...] = (),
+        admin_keys: Iterable[str] = (),
+        admin_paths: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.admin_keys = [k.encode() for k in admin_keys]
         self.exempt = frozenset(exempt)
         self.exempt_prefixes = exempt_prefixes
+        self.admin_paths = frozenset(admin_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if (
-            scope["type"] != "http"
-            or path in self.exempt
-            or path.startswith(self.exempt_prefixes)
-            or self._authorized(scope)
+        admin = path in self.admin_paths
+        if scope["type"] != "http" or (
+            not admin and (path in self.exempt or path.startswith(self.exempt_prefixes))
         ):
             await self.app(scope, receive, send)
             return
-        error = ServiceError(
+        error = self._refusal(scope, admin)
+        if error is None:
+            await self.app(scope, receive, send)
+        else:
+            await error_response(error)(scope, receive, send)
+
+    def _refusal(self, scope: Scope, admin: bool) -> ServiceError | None:
+        """None if the request may pass, else why not."""
+        headers = [v for k, v in scope["headers"] if k.lower() == b"authorization"]
+        if len(headers) > 1:
+            return ServiceError(
+                ErrorType.UNAUTHORIZED, "send one Authorization header, not several"
+            )
+        token = _bearer(headers[0]) if headers else None
+        if admin:
+            if token is not None and _matches(token, self.admin_keys):
+                return None
+            if token is not None and _matches(token, self.keys):
+                return ServiceError(ErrorType.FORBIDDEN, "this key may not call admin routes")
+        elif not self.keys or (token is not None and _matches(token, self.keys + self.admin_keys)):
+            return None
+        return ServiceError(
             ErrorType.UNAUTHORIZED, "missing or invalid API key: send 'Authorization: Bearer <key>'"
         )
-        await error_response(error)(scope, receive, send)
 
-    def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not token:
-            return False
-        # Compared with every key, each in constant time: no early exit reveals which matched.
-        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
-        return any(matches)
+
+def _bearer(header: bytes) -> bytes | None:
+    scheme, _, token = header.partition(b" ")
+    token = token.strip()
+    return token if scheme.lower() == b"bearer" and token else None
+
+
+def _matches(token: bytes, keys: list[bytes]) -> bool:
+    # Compared with every key, each in constant time: no early exit reveals which matched.
+    matches = [hmac.compare_digest(token, key) for key in keys]
+    return any(matches)
 
 
 class BodyGuard:
     """Reads the body of a request to ``paths`` once, bounded by ``max_bytes``, checks it and
-    hands it on. Other requests go straight to the router (which answers 404 or 405)."""
+    hands it on; a refusal is counted in the failures by reason. Other requests go straight
+    to the router (which answers 404 or 405)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, paths: frozenset[str], metrics: Metrics
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.paths = paths
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
@@ -103,6 +149,7 @@ class BodyGuard:
                     f"{exc.start})",
                 ) from None
         except ServiceError as error:
+            self.metrics.failures.labels(scope["path"], error.error_type.value).inc()
             await error_response(error)(scope, receive, send)
             return
 
@@ -139,8 +186,10 @@ class BodyGuard:
         chunks, size = [], 0
         while True:
             message = await receive()
-            if message["type"] == "http.disconnect":
-                break
+            if message["type"] == "http.disconnect":  # not the client's JSON's fault
+                raise ServiceError(
+                    ErrorType.CLIENT_CLOSED, "the client disconnected before the body ended"
+                )
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:

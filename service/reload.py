@@ -39,51 +39,90 @@ def model_labels(runtime: ModelRuntime) -> tuple[str, str, str, str]:
     return card.name, card.version, str(runtime.device), runtime.precision
 
 
+_requested_during_start = False
+
+
+def request_during_start() -> None:
+    """A SIGHUP before the service serves (``python -m service``'s handler): noted, and
+    answered by a reload once it serves (``take_request_during_start``), since the bundle may
+    have changed after the load began."""
+    global _requested_during_start
+    _requested_during_start = True
+    log.warning("SIGHUP during start-up: the model will be reloaded once it serves")
+
+
+def take_request_during_start() -> bool:
+    """Whether a SIGHUP came during start-up; from now on, none did."""
+    global _requested_during_start
+    requested, _requested_during_start = _requested_during_start, False
+    return requested
+
+
+def _retrieve(future: asyncio.Future[Reloaded]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class Reloader:
     def __init__(self, predictor: Predictor, settings: Settings, metrics: Metrics) -> None:
         self.predictor = predictor
         self.settings = settings
         self.metrics = metrics
-        self._lock = asyncio.Lock()  # one reload at a time; a second waits for the first
+        self._lock = asyncio.Lock()  # one reload at a time
+        self._next: asyncio.Future[Reloaded] | None = None  # the reload callers wait for
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def reload(self) -> Reloaded:
+        """Reload, merged with the others asked for meanwhile: while one runs, every request
+        joins the one next reload (which reads the bundle after all of them were made), so a
+        client spamming the route costs at most two loads, not one per request."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._after_the_running_one())
+            # Answered to every caller; retrieved here too, in case all of them left.
+            self._next.add_done_callback(_retrieve)
+        return await asyncio.shield(self._next)
+
+    async def _after_the_running_one(self) -> Reloaded:
         async with self._lock:
-            started = time.monotonic()
-            s = self.settings
-            try:
-                new = await asyncio.to_thread(ModelRuntime.load, s.bundle_dir, s.device, s.dtype)
-                if s.warmup:
-                    how = self.predictor.batcher.scheduler.alone()
-                    await asyncio.to_thread(new.warmup, (1, s.max_batch_size), how)
-            except Exception as exc:  # a BundleError, or a model that fails on its warm-up
-                self.metrics.reloads.labels("failed").inc()
-                # A BundleError's message is the service's own (what is wrong with which file):
-                # one line, in the log and the answer. Anything else: its traceback, logged.
-                if isinstance(exc, BundleError):
-                    reason = str(exc)
-                    log.error("reload refused, the previous model keeps serving: %s", exc)
-                else:
-                    reason = "see the server log"
-                    log.exception("reload refused, the previous model keeps serving")
-                raise ServiceError(
-                    ErrorType.RELOAD_FAILED,
-                    f"reload refused, the previous model keeps serving: {reason}",
-                ) from exc
-            old = self.predictor.runtime
-            self.predictor.runtime = new  # from here on, new requests read with the new model
-            self.metrics.model_info.remove(*model_labels(old))
-            self.metrics.model_info.labels(*model_labels(new)).set(1)
-            self.metrics.reloads.labels("succeeded").inc()
-            seconds = time.monotonic() - started
-            log.info(
-                "reloaded %s: version %s -> %s in %.1f s",
-                new.card.name,
-                old.card.version,
-                new.card.version,
-                seconds,
-            )
-            return Reloaded(new.card.name, new.card.version, old.card.version, seconds)
+            self._next = None  # requests from now on may find a newer bundle: a later reload
+            return await self._reload()
+
+    async def _reload(self) -> Reloaded:
+        started = time.monotonic()
+        s = self.settings
+        try:
+            new = await asyncio.to_thread(ModelRuntime.load, s.bundle_dir, s.device, s.dtype)
+            if s.warmup:
+                how = self.predictor.batcher.scheduler.alone()
+                await asyncio.to_thread(new.warmup, (1, s.max_batch_size), how)
+        except Exception as exc:  # a BundleError, or a model that fails on its warm-up
+            self.metrics.reloads.labels("failed").inc()
+            # A BundleError's message is the service's own (what is wrong with which file):
+            # one line, in the log and the answer. Anything else: its traceback, logged.
+            if isinstance(exc, BundleError):
+                reason = str(exc)
+                log.error("reload refused, the previous model keeps serving: %s", exc)
+            else:
+                reason = "see the server log"
+                log.exception("reload refused, the previous model keeps serving")
+            raise ServiceError(
+                ErrorType.RELOAD_FAILED,
+                f"reload refused, the previous model keeps serving: {reason}",
+            ) from exc
+        old = self.predictor.runtime
+        self.predictor.runtime = new  # from here on, new requests read with the new model
+        self.metrics.model_info.remove(*model_labels(old))
+        self.metrics.model_info.labels(*model_labels(new)).set(1)
+        self.metrics.reloads.labels("succeeded").inc()
+        seconds = time.monotonic() - started
+        log.info(
+            "reloaded %s: version %s -> %s in %.1f s",
+            new.card.name,
+            old.card.version,
+            new.card.version,
+            seconds,
+        )
+        return Reloaded(new.card.name, new.card.version, old.card.version, seconds)
 
     def on_signal(self) -> None:
         """SIGHUP (called by the event loop): start a reload; its outcome goes to the log and

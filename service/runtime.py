@@ -73,8 +73,12 @@ class IntegratedGradients:
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         self._alphas = (nodes + 1) / 2  # from [-1, 1] to [0, 1]
         self._weights = weights / 2
-        self._ids = torch.from_numpy(np.ascontiguousarray(ids))[None]
-        self._chunk = max(1, chunk_tokens // max(1, len(ids)))
+        # A text with no tokens is read as one padding step, as /predict reads it; its one
+        # attribution (a zero vector's) is dropped from the result.
+        self._tokens = len(ids)
+        read = ids if len(ids) else np.array([bundle.PAD_ID], dtype=np.int64)
+        self._ids = torch.from_numpy(np.ascontiguousarray(read))[None]
+        self._chunk = max(1, chunk_tokens // len(read))
         self._next = 0
         self._embedded: torch.Tensor | None = None
         self._gradient_sum: torch.Tensor | None = None
@@ -120,7 +124,7 @@ class IntegratedGradients:
             raise RuntimeError("the explanation has not run all its steps")
         assert self._gradient_sum is not None
         # Baseline zero: (x - baseline) * average gradient, summed over the embedding dims.
-        per_token = (self._gradient_sum * self._embedded[0].float()).sum(-1)
+        per_token = (self._gradient_sum * self._embedded[0].float()).sum(-1)[: self._tokens]
         return Attribution(
             per_token.double().cpu().numpy(), self._logits[0], self._logits[1], self.steps
         )

@@ -126,24 +126,28 @@ def test_sighup_under_load_swaps_models_without_losing_or_mixing_answers(
         assert process.poll() is None
 
 
-def test_admin_reload_is_off_by_default_and_behind_the_api_key(
+def test_admin_reload_is_off_by_default_and_behind_an_admin_key(
     trained_bundle: Path, tmp_path: Path
 ):
+    """If this fails, any client key may reload the model (or none may)."""
     served = tmp_path / "models" / "tiny"
     shutil.copytree(trained_bundle, served)
     with serve(served) as server:
         assert httpx.post(f"{server.url}/admin/reload").status_code == 404
-    with serve(served, admin_reload=True, api_keys=["k"]) as server:
+    with serve(served, admin_reload=True, api_keys=["k"], admin_api_keys=["a"]) as server:
         assert httpx.post(f"{server.url}/admin/reload").status_code == 401
-        key = {"Authorization": "Bearer k"}
+        key, admin = {"Authorization": "Bearer k"}, {"Authorization": "Bearer a"}
+        refused = httpx.post(f"{server.url}/admin/reload", headers=key)
+        assert refused.status_code == 403
+        assert refused.json()["error_type"] == "forbidden"
         swap_in(flipped_copy(trained_bundle, tmp_path / "v2", "2.0.0-test"), served)
-        answer = httpx.post(f"{server.url}/admin/reload", headers=key, timeout=60)
+        answer = httpx.post(f"{server.url}/admin/reload", headers=admin, timeout=60)
         assert answer.status_code == 200
         assert answer.json()["version"] == "2.0.0-test"
         predicted = httpx.post(f"{server.url}/predict", headers=key, json={"inputs": "great"})
         assert predicted.headers["x-model-version"] == "2.0.0-test"
         corrupt_model_file(served)
-        refused = httpx.post(f"{server.url}/admin/reload", headers=key, timeout=60)
+        refused = httpx.post(f"{server.url}/admin/reload", headers=admin, timeout=60)
         assert refused.status_code == 409
         assert refused.json()["error_type"] == "reload_failed"
         assert "previous model keeps serving" in refused.json()["error"]
@@ -151,12 +155,14 @@ def test_admin_reload_is_off_by_default_and_behind_the_api_key(
         assert again.status_code == 200
 
 
-def test_admin_reload_without_api_keys_is_a_configuration_error(trained_bundle: Path):
+def test_admin_reload_without_admin_keys_is_a_configuration_error(trained_bundle: Path):
     from pydantic import ValidationError
 
     from service.config import Settings
 
-    with pytest.raises(ValidationError, match="only behind API keys"):
+    with pytest.raises(ValidationError, match="only behind admin keys"):
         Settings(admin_reload=True)
-    with pytest.raises(ValidationError, match="only behind API keys"):
-        Settings(admin_reload=True, api_keys="k", auth_exempt_paths="/admin/reload")
+    with pytest.raises(ValidationError, match="only behind admin keys"):
+        Settings(admin_reload=True, api_keys="k")  # client keys are not admin keys
+    with pytest.raises(ValidationError, match="only behind admin keys"):
+        Settings(admin_reload=True, admin_api_keys="a", auth_exempt_paths="/admin/reload")

@@ -1,0 +1,228 @@
+"""Hostile and careless clients against a real server (issue 32): one test per attack, each
+failing without its fix. Raw sockets where an HTTP client cannot express the attack."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from bench.servers import free_port
+from service.bundle import BundleError, load
+from service.config import Settings
+from tests.service.conftest import RunningServer, serve
+from tests.service.test_app import metric
+
+
+@pytest.fixture(scope="module")
+def guarded(trained_bundle: Path) -> RunningServer:
+    """The tiny bundle behind client and admin keys, with the reload route on."""
+    with serve(
+        trained_bundle, api_keys=["client"], admin_api_keys=["admin"], admin_reload=True
+    ) as running:
+        yield running
+
+
+CLIENT = {"Authorization": "Bearer client"}
+
+
+# -- item 4: no 500 from client input --------------------------------------------------------
+@pytest.mark.parametrize("inputs", ["<br />", ["<br />", "a fine film"], ""])
+def test_an_explanation_of_a_text_with_no_tokens_is_answered(server: RunningServer, inputs):
+    """If this fails, /explain answers 500 with a TorchScript traceback in the log for a text
+    the tokenizer reads as nothing, which /predict scores (as one padding step)."""
+    response = httpx.post(f"{server.url}/explain", json={"inputs": inputs}, timeout=60)
+    if inputs == "":
+        assert response.status_code == 422  # an empty string is refused by the schema
+        return
+    assert response.status_code == 200
+    first = response.json()[0]
+    assert first["tokens"] == []
+    assert first["completeness"]["attribution_sum"] == 0.0
+    predicted = httpx.post(f"{server.url}/predict", json={"inputs": "<br />"}).json()[0][0]
+    assert first["label"] == predicted["label"]
+
+
+# -- item 10: HEAD, and JSON that the parser gives up on -----------------------------------------
+def test_head_on_a_get_route_answers_as_get_without_a_body(server: RunningServer):
+    """If this fails, a load balancer's HEAD health check sees 405 and takes the pod out."""
+    for path in ("/health", "/ready", "/metrics", "/info"):
+        response = httpx.head(f"{server.url}{path}")
+        assert response.status_code == 200, path
+        assert response.content == b""
+    assert httpx.head(f"{server.url}/predict").status_code == 405  # POST only, as before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"inputs": "a", "parameters": {"top_k": ' + b"9" * 5000 + b"}}",
+    ],
+    ids=["nested-100k-deep", "5000-digit-integer"],
+)
+def test_json_the_parser_gives_up_on_is_400_invalid_json(server: RunningServer, body: bytes):
+    """If this fails, such a body answers 422 "validation", where the README's table promises
+    400 invalid_json for a body that is not usable JSON."""
+    headers = {"content-type": "application/json"}
+    response = httpx.post(f"{server.url}/predict", content=body, headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error_type"] == "invalid_json"
+
+
+# -- item 6: a card field that would break every answer ----------------------------------------
+@pytest.mark.parametrize("field", ["version", "name"])
+def test_a_card_whose_header_fields_hold_a_line_break_is_refused(
+    trained_bundle: Path, tmp_path: Path, field: str
+):
+    """If this fails, the bundle loads (and reloads) fine, then every /predict gets an empty
+    reply (an invalid header value) while /ready stays 200."""
+    bundle = tmp_path / "broken"
+    shutil.copytree(trained_bundle, bundle)
+    card = json.loads((bundle / "card.json").read_text())
+    card[field] = "2.0.0\r\nx-injected: 1"
+    (bundle / "card.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match=field):
+        load(bundle, "cpu")
+
+
+# -- item 8: auth that fails closed ---------------------------------------------------------------
+@pytest.mark.parametrize("variable", ["SENTIMENT_API_KEYS", "SENTIMENT_ADMIN_API_KEYS"])
+def test_a_key_variable_set_but_empty_stops_the_service(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+):
+    """If this fails, an unset ${VAR} in compose turns authentication off without a word."""
+    monkeypatch.setenv(variable, " , ")
+    with pytest.raises(ValidationError, match="holds no key"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("good-key\n  # an indented comment\n", None),
+        ("\ufeffgood-key\n", None),  # a byte-order mark is not part of the first key
+        ("good-key # rotated in May\n", "line 1"),
+        ("# keys\ngood-key\nsecond key\n", "line 3"),
+    ],
+)
+def test_a_keys_file_is_read_strictly(tmp_path: Path, content: str, problem: str | None):
+    """If this fails, an indented comment becomes a valid key, a BOM breaks the first key, or
+    'key # note' silently makes the key itself fail at every request."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(content, encoding="utf-8")
+    if problem is None:
+        keys = [k.get_secret_value() for k in Settings(api_keys_file=keys_file).api_keys]
+        assert keys == ["good-key"]
+    else:
+        with pytest.raises(ValidationError, match=problem):
+            Settings(api_keys_file=keys_file)
+
+
+def test_two_authorization_headers_are_refused_whichever_would_match(guarded: RunningServer):
+    """If this fails, the last of several Authorization headers wins: a proxy that appends
+    its own header can be steered by the client's."""
+    for order in (["Bearer client", "Bearer wrong"], ["Bearer wrong", "Bearer client"]):
+        headers = [("authorization", value) for value in order]
+        response = httpx.post(f"{guarded.url}/predict", json={"inputs": "x"}, headers=headers)
+        assert response.status_code == 401
+        assert "one Authorization header" in response.json()["error"]
+    ok = httpx.post(f"{guarded.url}/predict", json={"inputs": "x"}, headers=CLIENT)
+    assert ok.status_code == 200
+
+
+def test_a_client_key_may_not_reload(guarded: RunningServer):
+    """If this fails, any client may reload the model."""
+    response = httpx.post(f"{guarded.url}/admin/reload", headers=CLIENT)
+    assert response.status_code == 403
+    assert response.json()["error_type"] == "forbidden"
+
+
+def test_reloads_asked_for_at_once_are_merged(guarded: RunningServer):
+    """If this fails, reloads queue one per request: a client spamming the route keeps the
+    process loading models (/predict fell to 30% of its rate)."""
+    import asyncio
+
+    before = metric(guarded, "sentiment_model_reloads_total", result="succeeded")
+
+    async def spam() -> list[int]:
+        admin = {"Authorization": "Bearer admin"}
+        async with guarded.async_client() as client:
+            answers = await asyncio.gather(
+                *(client.post("/admin/reload", headers=admin) for _ in range(12))
+            )
+        return [a.status_code for a in answers]
+
+    assert asyncio.run(spam()) == [200] * 12
+    done = metric(guarded, "sentiment_model_reloads_total", result="succeeded") - before
+    assert 1 <= done <= 2  # the one running when the others came, and the one they joined
+
+
+# -- item 9: start-up edges -----------------------------------------------------------------------
+def test_sighup_during_start_up_neither_kills_the_process_nor_is_lost(trained_bundle: Path):
+    """If this fails, a rollout's SIGHUP reaching a pod that is still starting kills it
+    without a log line (SIGHUP's default action)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SENTIMENT_MODEL_DIR": str(trained_bundle.parent),
+        "SENTIMENT_MODEL_NAME": trained_bundle.name,
+        "SENTIMENT_PORT": str(port),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        time.sleep(0.5)  # past the interpreter's own start, into settings and the model load
+        ready, sent = False, 0
+        deadline = time.monotonic() + 60
+        while not ready and process.poll() is None and time.monotonic() < deadline:
+            process.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.05)
+            with contextlib.suppress(httpx.TransportError):
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200
+        assert process.poll() is None, process.communicate(timeout=10)[0]
+        assert ready
+        assert sent > 1
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    assert "SIGHUP during start-up" in output
+    assert "reloaded" in output  # the request noted during start-up was answered
+
+
+# -- item 7: client behaviour counted as the server's failure ------------------------------------
+def test_a_client_that_leaves_mid_body_is_not_counted_as_invalid_json(server: RunningServer):
+    """If this fails, every client that disconnects while sending adds to
+    sentiment_failures_total{reason="invalid_json"}, which pages nobody but misleads all."""
+    before = metric(server, "sentiment_failures_total", route="/predict", reason="invalid_json")
+    with socket.create_connection(("127.0.0.1", server.settings.port)) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"inputs": "half a bo'
+        )
+        time.sleep(0.2)
+    time.sleep(0.5)
+    after = metric(server, "sentiment_failures_total", route="/predict", reason="invalid_json")
+    assert after == before
+    gone = metric(
+        server, "sentiment_failures_total", route="/predict", reason="client_disconnected"
+    )
+    assert gone >= 1
