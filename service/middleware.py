@@ -12,7 +12,7 @@ from email.message import Message as MimeHeader
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ErrorType, ServiceError
+from service.errors import STATUS, ErrorType, ServiceError
 from service.metrics import Metrics
 
 # curl -d sends form-urlencoded by default; its body is still the JSON the user typed.
@@ -221,22 +221,37 @@ class HttpMetrics:
             return
         started = time.perf_counter()
         status = 500
+        gone = False
 
         async def send_and_record(message: Message) -> None:
-            nonlocal status
+            nonlocal status, gone
+            if gone:
+                return
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            await send(message)
+            try:
+                await send(message)
+            except (OSError, RuntimeError) as exc:
+                # The connection closed under the answer (a client that pipelined requests and
+                # left; uvloop raises where asyncio would drop the write): nothing can reach
+                # the client, and it is not the service's failure. Anything else is a bug.
+                if isinstance(exc, RuntimeError) and "closed" not in str(exc):
+                    raise
+                gone = True
 
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            path = scope["path"]
-            if path in self.paths:
-                route = path
-            elif path.startswith("/static/"):
-                route = "/static"  # the page's files, one label
-            else:
-                route = "unmatched"
+            route = self._route(scope["path"])
+            if gone:
+                status = STATUS[ErrorType.CLIENT_CLOSED]
+                self.metrics.failures.labels(route, ErrorType.CLIENT_CLOSED.value).inc()
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+
+    def _route(self, path: str) -> str:
+        if path in self.paths:
+            return path
+        if path.startswith("/static/"):
+            return "/static"  # the page's files, one label
+        return "unmatched"

@@ -226,3 +226,25 @@ def test_a_client_that_leaves_mid_body_is_not_counted_as_invalid_json(server: Ru
         server, "sentiment_failures_total", route="/predict", reason="client_disconnected"
     )
     assert gone >= 1
+
+
+def test_pipelined_requests_from_a_client_that_left_are_not_the_servers_failure(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+):
+    """If this fails, a client that pipelines requests and closes logs "unhandled error" with
+    tracebacks and adds to sentiment_failures_total{reason="backend"}: any client could page
+    the on-call."""
+    before = metric(server, "sentiment_failures_total", reason="backend")
+    body = b'{"inputs": "a fine film"}'
+    request = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with caplog.at_level("ERROR", logger="service"):
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", server.settings.port)) as sock:
+                sock.sendall(request * 3)
+        time.sleep(1.0)
+    assert metric(server, "sentiment_failures_total", reason="backend") == before
+    assert "unhandled error" not in caplog.text
+    assert httpx.get(f"{server.url}/health").status_code == 200
