@@ -110,9 +110,12 @@ def _checked_bundle(settings: Settings) -> ModelRuntime | None:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """uvicorn's options for the settings. On SIGTERM uvicorn stops accepting connections and
-    waits for the requests in flight (each bounded by its deadline); then the lifespan stops
-    the batcher, which answers what it holds."""
+    """uvicorn's options for the settings, with the connections' bounds (``connections``). On
+    SIGTERM uvicorn stops accepting connections and waits for the requests in flight (each
+    bounded by its deadline); then the lifespan stops the batcher, which answers what it
+    holds."""
+    from service.connections import uvicorn_guards
+
     longest_deadline_s = max(settings.request_timeout_s, settings.explain_timeout_s)
     return {
         "host": settings.host,
@@ -120,6 +123,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": int(longest_deadline_s) + 5,
         "timeout_keep_alive": settings.keep_alive_s,
+        **uvicorn_guards(settings.max_connections, settings.read_timeout_s),
     }
 
 

@@ -99,6 +99,21 @@ class Settings(BaseSettings):
         "with a warning; system: the C library's malloc",
     )
     warmup: bool = Field(True, description="run the model on a few batch shapes before serving")
+    max_connections: int = Field(
+        2048,
+        ge=1,
+        description="open client connections at most; beyond it a new one gets 503 at once "
+        "(uvicorn's limit_concurrency). The service raises its open-file limit to the hard "
+        "limit at start and lowers this to fit under it",
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="seconds a client has to send a whole request (line, headers and body) "
+        "from connecting or from the request's first byte; past it, 408 and the connection "
+        "closes",
+    )
     keep_alive_s: int = Field(
         5,
         ge=1,

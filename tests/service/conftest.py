@@ -4,6 +4,7 @@ in a thread of the test process, or as its own `python -m service` process."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -84,9 +85,18 @@ def oversize_tokenizer(bundle: Path) -> None:
 
 
 @contextmanager
-def service_process(bundle: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def service_process(
+    bundle: Path, open_files: int | None = None, **env: str
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`python -m service` on a free port with extra environment, once it is ready: the
-    process (its output merged into stdout) and its URL. Killed on exit if still running."""
+    process (its output merged into stdout) and its URL. Killed on exit if still running.
+    ``open_files``: the soft limit on open files it starts with (the hard one stays)."""
+
+    def limit_files() -> None:
+        if open_files is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
+
     port = free_port()
     env = {
         **os.environ,
@@ -102,6 +112,7 @@ def service_process(bundle: Path, **env: str) -> Iterator[tuple[subprocess.Popen
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group: what it started goes with it
+        preexec_fn=limit_files,
     )
     url = f"http://127.0.0.1:{port}"
     try:

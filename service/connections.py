@@ -1,0 +1,153 @@
+"""The HTTP connection's own bounds, which uvicorn leaves open: how many bytes a request's head
+may take, how many header fields it may have, and how long a client may take to send a whole
+request. uvicorn's httptools protocol with those three checks added (``guarded``); uvicorn's
+``limit_concurrency`` bounds the connections, and ``raise_open_file_limit`` makes room for
+them.
+
+Without them one client can hold the process: an unterminated 16 MB header is buffered whole
+(50 of them took 0.9 GB), and a connection that never completes its request is kept forever
+(the keep-alive timer starts only after an answer), so a thousand of them exhaust the file
+descriptors and every request fails, ``/health`` included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+# A request's line and headers, in bytes (nginx's default buffers hold 32 KiB; uvicorn's h11
+# parser 16 KiB): far above what any client of this API sends.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+# Descriptors kept free of connections: the model's files, logs, the tokenizer's threads.
+RESERVED_FILES = 64
+
+
+def _answer(status: int, reason: str, message: str, kind: str) -> bytes:
+    body = json.dumps({"error": message, "error_type": kind}).encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+class _GuardedProtocol(HttpToolsProtocol):
+    read_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_bytes = 0
+        self._headers = 0
+        self._in_head = True
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(
+                    431,
+                    "Request Header Fields Too Large",
+                    f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
+                    "headers_too_large",
+                )
+                return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes, self._headers, self._in_head = 0, 0, True
+        if self._read_timer is None:
+            self._arm()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers += 1
+        if self._headers > MAX_HEADERS:  # uvicorn answers a parser callback's error with 400
+            raise ValueError(f"more than {MAX_HEADERS} header fields")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()  # the request is in; the answer's time is the deadline's business
+        super().on_message_complete()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete and not self._in_head:
+            # A body that stopped coming: the app waits on it; tell it the client is gone.
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self._refuse(
+            408,
+            "Request Timeout",
+            f"the request was not sent whole within {self.read_timeout_s:g} s",
+            "timeout",
+        )
+
+    def _refuse(self, status: int, reason: str, message: str, kind: str) -> None:
+        log.info("closing a connection: %s", message)
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(_answer(status, reason, message, kind))
+        self.transport.close()
+
+
+def guarded(read_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's ``http`` protocol with the head's bounds and ``read_timeout_s`` to send a
+    whole request (from the connection, or from the request's first byte)."""
+    return type("GuardedHttpToolsProtocol", (_GuardedProtocol,), {"read_timeout_s": read_timeout_s})
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (what Go programs do at
+    start; container runtimes often leave the soft limit at 1024); the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def connection_limit(wanted: int, open_files: int) -> int:
+    """``wanted`` connections, or as many as the open-file limit leaves room for."""
+    room = max(1, open_files - RESERVED_FILES)
+    if wanted > room:
+        log.warning(
+            "max_connections %d lowered to %d: the open-file limit is %d (raise it: "
+            "ulimit -n, or the container's nofile limit)",
+            wanted,
+            room,
+            open_files,
+        )
+    return min(wanted, room)
+
+
+def uvicorn_guards(max_connections: int, read_timeout_s: float) -> dict[str, Any]:
+    """uvicorn's options for the bounds above."""
+    limit = connection_limit(max_connections, raise_open_file_limit())
+    return {"http": guarded(read_timeout_s), "limit_concurrency": limit}
