@@ -10,6 +10,7 @@ rounds. Explanations have their own admission bound and deadline.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from service import segments
 from service.batcher import DynamicBatcher, ItemResult, JobResult
 from service.config import Settings
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
-from service.runtime import Attribution, Encoded, ModelRuntime, ScoreFunction, Tokens
+from service.runtime import Attribution, Encoded, ModelRuntime, ScoreFunction
 from service.segments import MIXED_CONFIDENCE
 
 # Interpolated tokens per explanation chunk. A chunk is a forward and a backward pass: 4,096
@@ -67,18 +66,32 @@ class Explanations:
 
 
 @dataclass(frozen=True)
+class _Dropped:
+    """The tokens truncation dropped: ``start`` to ``end`` (token indices, end exclusive),
+    the characters ``text_start`` to ``text_end``."""
+
+    start: int
+    end: int
+    text_start: int
+    text_end: int
+
+
+@dataclass(frozen=True)
 class _ToExplain:
     """One text prepared for explanation."""
 
-    tokens: Tokens
+    tokens: list[str]  # the tokens the model reads
+    offsets: list[tuple[int, int]]  # each one's place in the text
     encoded: Encoded  # its ids as the model reads them (truncated)
-    spans: list[segments.Span]
+    dropped: _Dropped | None
+    spans: list[segments.Span]  # the sentences and clauses that hold text the model reads
     segments: list[Encoded]
 
 
 class _Admission:
-    """The door: at most ``per_request`` texts in one request (413), and at most ``limit`` texts
-    between admission and answer (tokenising, queued or running; beyond it, 429 at once)."""
+    """The door, where every admission limit is checked: at most ``per_request`` texts in one
+    request, and never more than ``limit`` (413), and at most ``limit`` texts between admission
+    and answer (tokenising, queued or running; beyond it, 429 at once)."""
 
     def __init__(self, limit: int, per_request: int, request: str, busy: str) -> None:
         self.limit = limit
@@ -89,10 +102,11 @@ class _Admission:
 
     @contextmanager
     def admit(self, texts: int) -> Iterator[None]:
-        if texts > self.per_request:
+        most = min(self.per_request, self.limit)  # more could never be admitted: not a 429
+        if texts > most:
             raise ServiceError(
                 ErrorType.TOO_MANY_INPUTS,
-                f"{texts} inputs in one {self.request}; the limit is {self.per_request}",
+                f"{texts} inputs in one {self.request}; the limit is {most}",
             )
         if self.count + texts > self.limit:
             raise ServiceError(
@@ -327,14 +341,36 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 def _prepare(runtime: ModelRuntime, texts: list[str]) -> list[_ToExplain]:
-    """Tokens with offsets, the ids the model reads, and the segments, for each text."""
+    """For each text: the tokens the model reads, with their offsets; the ids it reads; the
+    tokens truncation drops, as a range; and the sentences and clauses that hold read text.
+    Nothing here grows with the text beyond its tokenisation: a 2 MB text's answer lists
+    ``max_length`` tokens, not a million."""
+    cut = runtime.truncation
     prepared = []
     for text in texts:
         tokens = runtime.tokenize(text)
-        ids = runtime.truncation.apply(tokens.ids)
+        n = len(tokens.ids)
+        read = (
+            list(range(n)) if n <= cut.max_length else [*range(cut.head), *range(n - cut.tail, n)]
+        )
+        dropped = None
+        if n > cut.max_length:
+            first, last = tokens.offsets[cut.head], tokens.offsets[n - cut.tail - 1]
+            dropped = _Dropped(cut.head, n - cut.tail, first[0], last[1])
         spans = segments.split(text)
+        if dropped is not None:  # a segment wholly in the dropped middle was not read
+            spans = [(a, b) for a, b in spans if a < dropped.text_start or b > dropped.text_end]
         parts = runtime.preprocess([text[a:b] for a, b in spans]) if spans else []
-        prepared.append(_ToExplain(tokens, Encoded(ids, len(tokens.ids)), spans, parts))
+        prepared.append(
+            _ToExplain(
+                [tokens.tokens[i] for i in read],
+                [tokens.offsets[i] for i in read],
+                Encoded(cut.apply(tokens.ids), n),
+                dropped,
+                spans,
+                parts,
+            )
+        )
     return prepared
 
 
@@ -347,16 +383,7 @@ def _explanation(
     segment_logits: list[float],
 ) -> dict[str, Any]:
     """The answer for one text, as ``schemas.Explanation``."""
-    cut = runtime.truncation
-    n = len(p.tokens.ids)
-    # The model read every token, or the first `head` and the last `tail` of them.
-    dropped = (cut.head, n - cut.tail) if n > cut.max_length else None
-    read = np.full(n, np.nan)
-    if dropped is None:
-        read[:] = attribution.tokens
-    else:
-        read[: cut.head] = attribution.tokens[: cut.head]
-        read[dropped[1] :] = attribution.tokens[cut.head :]
+    n = p.encoded.original_tokens
     label, score = runtime.postprocess(logit, n)[0]
     verdicts = [
         runtime.postprocess(z, part.original_tokens)[0]
@@ -371,16 +398,10 @@ def _explanation(
         "label": label,
         "score": score,
         "tokens": [
-            {
-                "token": token,
-                "text": text[start:end],
-                "start": start,
-                "end": end,
-                "attribution": None if np.isnan(a) else float(a),
-            }
-            for token, (start, end), a in zip(p.tokens.tokens, p.tokens.offsets, read, strict=True)
+            {"token": token, "text": text[a:b], "start": a, "end": b, "attribution": float(z)}
+            for token, (a, b), z in zip(p.tokens, p.offsets, attribution.tokens, strict=True)
         ],
-        "dropped_tokens": None if dropped is None else {"start": dropped[0], "end": dropped[1]},
+        "dropped_tokens": None if p.dropped is None else dataclasses.asdict(p.dropped),
         "sentences": sentences,
         "mixed": len(confident) > 1,
         "completeness": {

@@ -135,15 +135,16 @@ class TokenAttribution(BaseModel):
     text: str = Field(description="the token as written: input[start:end]")
     start: int = Field(description="offset of its first character in the input (code points)")
     end: int = Field(description="offset after its last character")
-    attribution: float | None = Field(
-        description="its contribution to the POSITIVE logit (integrated gradients); null for a "
-        "token that truncation dropped"
+    attribution: float = Field(
+        description="its contribution to the POSITIVE logit (integrated gradients)"
     )
 
 
 class TokenRange(BaseModel):
-    start: int = Field(description="index in tokens of the first token dropped")
-    end: int = Field(description="index in tokens after the last token dropped")
+    start: int = Field(description="the first token dropped, as an index in the text's tokens")
+    end: int = Field(description="the index after the last token dropped")
+    text_start: int = Field(description="where the dropped tokens start in the text")
+    text_end: int = Field(description="where they end")
 
 
 class SegmentScore(BaseModel):
@@ -167,11 +168,17 @@ class Completeness(BaseModel):
 class Explanation(BaseModel):
     label: str = Field(description="the predicted label, as /predict gives it")
     score: float = Field(description="its calibrated probability, as /predict gives it")
-    tokens: list[TokenAttribution]
-    dropped_tokens: TokenRange | None = Field(
-        description="the tokens truncation dropped (the model read the others); null if none"
+    tokens: list[TokenAttribution] = Field(
+        description="the tokens the model read: all of them, or the first and last a "
+        "truncated text keeps"
     )
-    sentences: list[SegmentScore] = Field(description="each sentence or clause, scored alone")
+    dropped_tokens: TokenRange | None = Field(
+        description="the tokens truncation dropped, as one range (not listed in tokens); null "
+        "if none"
+    )
+    sentences: list[SegmentScore] = Field(
+        description="each sentence or clause that holds text the model read, scored alone"
+    )
     mixed: bool = Field(
         description="one sentence or clause is POSITIVE and another NEGATIVE, each with a "
         f"probability of at least {MIXED_CONFIDENCE}"

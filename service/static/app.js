@@ -73,39 +73,44 @@ function showVerdict(scores, timing) {
 function showExplanation(text, explained, timing) {
   const chars = Array.from(text);
   const slice = (a, b) => chars.slice(a, b).join("");
-  const read = explained.tokens.filter((t) => t.attribution !== null);
-  const scale = Math.max(1e-9, ...read.map((t) => Math.abs(t.attribution)));
+  const scale = Math.max(1e-9, ...explained.tokens.map((t) => Math.abs(t.attribution)));
   const out = $("tokens");
   out.replaceChildren();
+  const dropped = explained.dropped_tokens;
   let at = 0;
   for (const token of explained.tokens) {
+    if (dropped && at <= dropped.text_start && token.start >= dropped.text_end) {
+      // The tokens truncation dropped: not listed, struck through as one stretch of text.
+      out.append(slice(at, dropped.text_start));
+      const gap = document.createElement("span");
+      gap.className = "tok dropped";
+      gap.title = "not read: truncation dropped it";
+      gap.textContent = slice(dropped.text_start, dropped.text_end);
+      out.append(gap);
+      at = dropped.text_end;
+    }
     out.append(slice(at, token.start));
     const span = document.createElement("span");
     span.className = "tok";
     span.textContent = slice(token.start, token.end);
-    if (token.attribution === null) {
-      span.classList.add("dropped");
-      span.title = "not read: truncation dropped it";
-    } else {
-      const strength = Math.abs(token.attribution) / scale;
-      const rgb = token.attribution >= 0 ? "var(--positive)" : "var(--negative)";
-      span.style.backgroundColor = `rgba(${rgb}, ${strength.toFixed(3)})`;
-      if (strength > 0.55) span.style.color = "#fff";
-      span.dataset.attribution = token.attribution.toFixed(4);
-      span.title = `${token.attribution >= 0 ? "+" : ""}${token.attribution.toFixed(3)} towards positive`;
-    }
+    const strength = Math.abs(token.attribution) / scale;
+    const rgb = token.attribution >= 0 ? "var(--positive)" : "var(--negative)";
+    span.style.backgroundColor = `rgba(${rgb}, ${strength.toFixed(3)})`;
+    if (strength > 0.55) span.style.color = "#fff";
+    span.dataset.attribution = token.attribution.toFixed(4);
+    span.title = `${token.attribution >= 0 ? "+" : ""}${token.attribution.toFixed(3)} towards positive`;
     out.append(span);
     at = token.end;
   }
   out.append(slice(at, chars.length));
 
-  const dropped = $("dropped");
-  if (explained.dropped_tokens) {
-    const { start, end } = explained.dropped_tokens;
-    dropped.textContent = `The model reads at most its first and last tokens: tokens ${start + 1} to ${end} (struck through) were not read.`;
-    dropped.hidden = false;
+  const note = $("dropped");
+  if (dropped) {
+    const { start, end } = dropped;
+    note.textContent = `The model reads at most its first and last tokens: tokens ${start + 1} to ${end} (struck through) were not read.`;
+    note.hidden = false;
   } else {
-    dropped.hidden = true;
+    note.hidden = true;
   }
 
   const list = $("sentences");

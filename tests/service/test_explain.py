@@ -69,11 +69,14 @@ def test_a_truncated_text_is_explained_as_the_model_reads_it(server: RunningServ
     response = httpx.post(f"{server.url}/explain", json={"inputs": text, "truncate": True})
     assert response.status_code == 200
     (answer,) = explanations.validate_python(response.json())
-    assert len(answer.tokens) == 50
-    assert answer.dropped_tokens is not None
-    assert (answer.dropped_tokens.start, answer.dropped_tokens.end) == (12, 30)  # 12 + 20 kept
-    read = [t.attribution is not None for t in answer.tokens]
-    assert read == [True] * 12 + [False] * 18 + [True] * 20
+    assert [t.text for t in answer.tokens] == ["great"] * 10 + ["dull"] * 2 + ["dull"] * 10 + [
+        "superb"
+    ] * 10  # the 32 tokens read: 12 from the start, 20 from the end
+    dropped = answer.dropped_tokens
+    assert dropped is not None
+    assert (dropped.start, dropped.end) == (12, 30)  # tokens, as the tokenizer counts them
+    assert text[dropped.text_start : dropped.text_end] == " ".join(["dull"] * 18)
+    assert answer.tokens[11].end < dropped.text_start < dropped.text_end < answer.tokens[12].start
 
 
 def test_a_list_is_explained_in_order_with_its_own_steps(server: RunningServer):

@@ -37,7 +37,7 @@ def guarded(trained_bundle: Path) -> RunningServer:
 CLIENT = {"Authorization": "Bearer client"}
 
 
-# -- item 4: no 500 from client input --------------------------------------------------------
+# -- item 4: no 500 from client input -------------------------------------------------------------
 @pytest.mark.parametrize("inputs", ["<br />", ["<br />", "a fine film"], ""])
 def test_an_explanation_of_a_text_with_no_tokens_is_answered(server: RunningServer, inputs):
     """If this fails, /explain answers 500 with a TorchScript traceback in the log for a text
@@ -54,7 +54,7 @@ def test_an_explanation_of_a_text_with_no_tokens_is_answered(server: RunningServ
     assert first["label"] == predicted["label"]
 
 
-# -- item 10: HEAD, and JSON that the parser gives up on -----------------------------------------
+# -- item 10: HEAD, and JSON that the parser gives up on ------------------------------------------
 def test_head_on_a_get_route_answers_as_get_without_a_body(server: RunningServer):
     """If this fails, a load balancer's HEAD health check sees 405 and takes the pod out."""
     for path in ("/health", "/ready", "/metrics", "/info"):
@@ -81,7 +81,7 @@ def test_json_the_parser_gives_up_on_is_400_invalid_json(server: RunningServer, 
     assert response.json()["error_type"] == "invalid_json"
 
 
-# -- item 6: a card field that would break every answer ----------------------------------------
+# -- item 6: a card field that would break every answer -------------------------------------------
 @pytest.mark.parametrize("field", ["version", "name"])
 def test_a_card_whose_header_fields_hold_a_line_break_is_refused(
     trained_bundle: Path, tmp_path: Path, field: str
@@ -208,7 +208,7 @@ def test_sighup_during_start_up_neither_kills_the_process_nor_is_lost(trained_bu
     assert "reloaded" in output  # the request noted during start-up was answered
 
 
-# -- item 7: client behaviour counted as the server's failure ------------------------------------
+# -- item 7: client behaviour counted as the server's failure -------------------------------------
 def test_a_client_that_leaves_mid_body_is_not_counted_as_invalid_json(server: RunningServer):
     """If this fails, every client that disconnects while sending adds to
     sentiment_failures_total{reason="invalid_json"}, which pages nobody but misleads all."""
@@ -250,7 +250,7 @@ def test_pipelined_requests_from_a_client_that_left_are_not_the_servers_failure(
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
-# -- items 1 and 2: the connection's own bounds ------------------------------------------------
+# -- items 1 and 2: the connection's own bounds ---------------------------------------------------
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -320,3 +320,33 @@ def test_connections_that_never_finish_a_request_are_closed_and_do_not_starve_he
             sock.close()
         assert closed == len(stalled)
         assert httpx.post(f"{url}/predict", json={"inputs": "fine"}).status_code == 200
+
+
+# -- item 5: a request that could never be admitted -----------------------------------------------
+def test_a_request_larger_than_the_queue_gets_413_naming_the_limit_not_429(trained_bundle: Path):
+    """If this fails, a request with more texts than the queue can ever hold gets 429 with
+    Retry-After on an idle server, and a retrying client loops forever."""
+    with serve(trained_bundle, max_queue_texts=4, max_inputs_per_request=16) as server:
+        response = httpx.post(f"{server.url}/predict", json={"inputs": ["fine"] * 5})
+        assert response.status_code == 413
+        assert "the limit is 4" in response.json()["error"]
+        assert httpx.post(f"{server.url}/predict", json={"inputs": ["fine"] * 4}).status_code == 200
+
+
+# -- item 3: a bounded /explain -------------------------------------------------------------------
+def test_an_explanation_of_a_huge_text_lists_what_the_model_read_not_every_token(
+    server: RunningServer,
+):
+    """If this fails, /explain of a 2 MB text answers with every one of its million tokens
+    (72 MB, 600 MB more resident, /health stalled for seconds), and scores every sentence of
+    it, though the model reads 32 tokens of the tiny bundle (400 of the shipped one)."""
+    text = "Good film. " * 100_000  # 1.1 MB, 300,000 tokens, 100,000 sentences
+    response = httpx.post(
+        f"{server.url}/explain", json={"inputs": text, "truncate": True}, timeout=60
+    )
+    assert response.status_code == 200
+    assert len(response.content) < 50_000
+    (answer,) = response.json()
+    assert len(answer["tokens"]) == 32
+    assert answer["dropped_tokens"]["end"] - answer["dropped_tokens"]["start"] == 300_000 - 32
+    assert len(answer["sentences"]) <= 32
