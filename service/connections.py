@@ -5,7 +5,8 @@ request. uvicorn's httptools protocol with those three checks added (``guarded``
 them.
 
 Without them one client can hold the process: an unterminated 16 MB header is buffered whole
-(50 of them took 0.9 GB), and a connection that never completes its request is kept forever
+(50 of them took 0.9 GB; bounded here to one read of the socket past the limit), and a
+connection that never completes its request is kept forever
 (the keep-alive timer starts only after an answer), so a thousand of them exhaust the file
 descriptors and every request fails, ``/health`` included.
 """
@@ -54,17 +55,18 @@ class _GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # Counted while the head is incomplete, checked once the chunk is parsed: a chunk that
+        # ends the head may carry the start of the body, which is not the head's.
         if self._in_head:
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse(
-                    431,
-                    "Request Header Fields Too Large",
-                    f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
-                    "headers_too_large",
-                )
-                return
         super().data_received(data)
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._refuse(
+                431,
+                "Request Header Fields Too Large",
+                f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
+                "headers_too_large",
+            )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

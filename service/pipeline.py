@@ -67,8 +67,9 @@ class Explanations:
 
 @dataclass(frozen=True)
 class _Dropped:
-    """The tokens truncation dropped: ``start`` to ``end`` (token indices, end exclusive),
-    the characters ``text_start`` to ``text_end``."""
+    """The tokens truncation dropped: ``start`` to ``end`` (token indices, end exclusive), in
+    the characters ``text_start`` to ``text_end`` (from the end of the last token read from
+    the start to the first read from the end)."""
 
     start: int
     end: int
@@ -350,21 +351,19 @@ def _prepare(runtime: ModelRuntime, texts: list[str]) -> list[_ToExplain]:
     for text in texts:
         tokens = runtime.tokenize(text)
         n = len(tokens.ids)
-        read = (
-            list(range(n)) if n <= cut.max_length else [*range(cut.head), *range(n - cut.tail, n)]
-        )
         dropped = None
-        if n > cut.max_length:
-            first, last = tokens.offsets[cut.head], tokens.offsets[n - cut.tail - 1]
-            dropped = _Dropped(cut.head, n - cut.tail, first[0], last[1])
+        if n > cut.max_length:  # the first token dropped follows the head, the last precedes
+            first = tokens.offsets[cut.head - 1][1] if cut.head else 0
+            last = tokens.offsets[cut.head][0] if cut.tail else len(text)
+            dropped = _Dropped(cut.head, n - cut.tail, first, last)
         spans = segments.split(text)
         if dropped is not None:  # a segment wholly in the dropped middle was not read
             spans = [(a, b) for a, b in spans if a < dropped.text_start or b > dropped.text_end]
         parts = runtime.preprocess([text[a:b] for a, b in spans]) if spans else []
         prepared.append(
             _ToExplain(
-                [tokens.tokens[i] for i in read],
-                [tokens.offsets[i] for i in read],
+                tokens.tokens,
+                tokens.offsets,
                 Encoded(cut.apply(tokens.ids), n),
                 dropped,
                 spans,

@@ -30,10 +30,12 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Tokens:
-    """One text as the tokenizer reads it, every token with its place in the original text."""
+    """One text as the tokenizer reads it: all its ids, and the tokens the model reads (after
+    truncation) with their places in the original text."""
 
     ids: np.ndarray  # int64, all of them (before truncation)
-    tokens: list[str]  # vocabulary entries, <unk> for an unknown word
+    positions: list[int]  # the indices in ids of the tokens the model reads
+    tokens: list[str]  # their vocabulary entries, <unk> for an unknown word
     offsets: list[tuple[int, int]]  # text[start:end] is the token as written
 
 
@@ -182,16 +184,25 @@ class ModelRuntime:
         return encoded
 
     def tokenize(self, text: str) -> Tokens:
-        """Every token of one text with its offsets in ``text`` (no truncation)."""
-        enc = self.tokenizer.encode(text)
+        """The tokens the model reads of one text (all of them, or the ones the card's
+        truncation keeps), each with its place in ``text``, and the ids of all of them. Only
+        the read tokens become Python objects: a 2 MB text has a million tokens."""
+        # encode_batch lets go of the GIL while it works (encode does not): a million tokens
+        # take about half a second, which the event loop must not wait out.
+        (enc,) = self.tokenizer.encode_batch([text])
+        ids = np.asarray(enc.ids, dtype=np.int64)
+        cut, n = self.truncation, len(ids)
+        read = range(n) if n <= cut.max_length else [*range(cut.head), *range(n - cut.tail, n)]
         offsets = []
-        for start, end in enc.offsets:
+        for i in read:
+            start, end = enc.token_to_chars(i) or (0, 0)
             # NFKC composes a letter and a following combining accent into one character; the
             # tokenizer's alignment then points at the letter alone. Keep the accent with it.
             while end < len(text) and unicodedata.combining(text[end]):
                 end += 1
             offsets.append((start, end))
-        return Tokens(np.asarray(enc.ids, dtype=np.int64), list(enc.tokens), offsets)
+        tokens = [self.tokenizer.id_to_token(int(ids[i])) or "" for i in read]
+        return Tokens(ids, list(read), tokens, offsets)
 
     # -- infer ------------------------------------------------------------------------------
     def infer(self, seqs: list[np.ndarray], how: Execution = UNSCHEDULED) -> np.ndarray:

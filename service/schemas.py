@@ -143,8 +143,13 @@ class TokenAttribution(BaseModel):
 class TokenRange(BaseModel):
     start: int = Field(description="the first token dropped, as an index in the text's tokens")
     end: int = Field(description="the index after the last token dropped")
-    text_start: int = Field(description="where the dropped tokens start in the text")
-    text_end: int = Field(description="where they end")
+    text_start: int = Field(
+        description="the characters not read start here: where the last token read from the "
+        "start ends"
+    )
+    text_end: int = Field(
+        description="and end here: where the first token read from the end starts"
+    )
 
 
 class SegmentScore(BaseModel):

@@ -21,6 +21,7 @@ import uvicorn
 from bench.servers import ServerError, answers, free_port, wait_until_ready
 from service.app import create_app
 from service.config import Settings
+from service.connections import guarded
 from service.scheduler import Policy
 from training.tokenizer import train_tokenizer
 
@@ -54,6 +55,7 @@ def serve(bundle: Path, policy: Policy | None = None, **overrides: Any) -> Itera
         host="127.0.0.1",
         port=settings.port,
         log_level="warning",
+        http=guarded(settings.read_timeout_s),  # the connection bounds python -m service has
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)

@@ -75,8 +75,12 @@ def test_a_truncated_text_is_explained_as_the_model_reads_it(server: RunningServ
     dropped = answer.dropped_tokens
     assert dropped is not None
     assert (dropped.start, dropped.end) == (12, 30)  # tokens, as the tokenizer counts them
-    assert text[dropped.text_start : dropped.text_end] == " ".join(["dull"] * 18)
-    assert answer.tokens[11].end < dropped.text_start < dropped.text_end < answer.tokens[12].start
+    # The characters between the last token read from the start and the first from the end.
+    assert text[dropped.text_start : dropped.text_end] == " " + " ".join(["dull"] * 18) + " "
+    assert (answer.tokens[11].end, answer.tokens[12].start) == (
+        dropped.text_start,
+        dropped.text_end,
+    )
 
 
 def test_a_list_is_explained_in_order_with_its_own_steps(server: RunningServer):

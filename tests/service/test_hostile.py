@@ -285,6 +285,9 @@ def test_an_unterminated_header_is_cut_off_with_431_and_holds_no_memory(trained_
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
             assert sock.recv(100).startswith(b"HTTP/1.1 400")
         assert httpx.get(f"{url}/health").status_code == 200
+        # A large body is not a large head: 1.8 MB of review arrives in reads far above 64 KiB.
+        review = {"inputs": "a fine film " * 150_000, "truncate": True}
+        assert httpx.post(f"{url}/predict", json=review, timeout=60).status_code == 200
 
 
 def test_connections_that_never_finish_a_request_are_closed_and_do_not_starve_health(
