@@ -2,9 +2,9 @@
 and error handlers. Nothing loads at import time.
 
 The lifespan loads the model (unless ``python -m service`` has already loaded and checked it),
-resolves the execution policy for its device (``scheduler``), warms it, starts the batcher, and
-on shutdown, once uvicorn has answered the requests in flight,
-stops the batcher, which answers everything it still holds first.
+resolves the execution policy for its device (``scheduler``), warms it, starts the batcher,
+and on shutdown, once uvicorn has answered the requests in flight, stops the batcher, which
+answers everything it still holds first.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import reload
 from service.batcher import DynamicBatcher
 from service.config import ADMIN_RELOAD, Settings
+from service.connections import guarded
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics, multiprocess_dir
 from service.middleware import ApiKeyAuth, BodyGuard, HeadAsGet, HttpMetrics, error_response
@@ -52,6 +53,7 @@ def process_app() -> FastAPI:
     lifespan loads the model."""
     settings = Settings()
     configure_logging(settings)
+    guarded(settings.read_timeout_s)
     return create_app(settings)
 
 

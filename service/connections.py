@@ -39,8 +39,8 @@ def _answer(status: int, reason: str, message: str, kind: str) -> bytes:
     ).encode() + body
 
 
-class _GuardedProtocol(HttpToolsProtocol):
-    read_timeout_s = 10.0
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    read_timeout_s = 10.0  # this process's setting (``guarded``)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -119,10 +119,13 @@ class _GuardedProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def guarded(read_timeout_s: float) -> type[asyncio.Protocol]:
+def guarded(read_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
     """uvicorn's ``http`` protocol with the head's bounds and ``read_timeout_s`` to send a
-    whole request (from the connection, or from the request's first byte)."""
-    return type("GuardedHttpToolsProtocol", (_GuardedProtocol,), {"read_timeout_s": read_timeout_s})
+    whole request (from the connection, or from the request's first byte). A class of this
+    module, set for this process: uvicorn hands it by name to the processes it starts, where
+    ``service.app.process_app`` sets it again from their settings."""
+    GuardedHttpToolsProtocol.read_timeout_s = read_timeout_s
+    return GuardedHttpToolsProtocol
 
 
 def raise_open_file_limit() -> int:
