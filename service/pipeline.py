@@ -343,9 +343,10 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 def _prepare(runtime: ModelRuntime, texts: list[str]) -> list[_ToExplain]:
     """For each text: the tokens the model reads, with their offsets; the ids it reads; the
-    tokens truncation drops, as a range; and the sentences and clauses that hold read text.
-    Nothing here grows with the text beyond its tokenisation: a 2 MB text's answer lists
-    ``max_length`` tokens, not a million."""
+    tokens truncation drops, as a range; and the sentences and clauses of the text it reads (a
+    sentence that truncation cuts is scored on its part read). Nothing here grows with the
+    text beyond its tokenisation: a 2 MB text's answer lists ``max_length`` tokens, not a
+    million."""
     cut = runtime.truncation
     prepared = []
     for text in texts:
@@ -356,9 +357,12 @@ def _prepare(runtime: ModelRuntime, texts: list[str]) -> list[_ToExplain]:
             first = tokens.offsets[cut.head - 1][1] if cut.head else 0
             last = tokens.offsets[cut.head][0] if cut.tail else len(text)
             dropped = _Dropped(cut.head, n - cut.tail, first, last)
-        spans = segments.split(text)
-        if dropped is not None:  # a segment wholly in the dropped middle was not read
-            spans = [(a, b) for a, b in spans if a < dropped.text_start or b > dropped.text_end]
+        if dropped is None:
+            spans = segments.split(text)
+        else:  # the read parts only: splitting 2 MB into sentences holds the GIL for 0.5 s
+            tail = dropped.text_end
+            spans = segments.split(text[: dropped.text_start])
+            spans += [(tail + a, tail + b) for a, b in segments.split(text[tail:])]
         parts = runtime.preprocess([text[a:b] for a, b in spans]) if spans else []
         prepared.append(
             _ToExplain(

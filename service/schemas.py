@@ -182,7 +182,8 @@ class Explanation(BaseModel):
         "if none"
     )
     sentences: list[SegmentScore] = Field(
-        description="each sentence or clause that holds text the model read, scored alone"
+        description="each sentence or clause of the text the model read (one that truncation "
+        "cuts: its part read), scored alone"
     )
     mixed: bool = Field(
         description="one sentence or clause is POSITIVE and another NEGATIVE, each with a "
