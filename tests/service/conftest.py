@@ -86,13 +86,12 @@ def oversize_tokenizer(bundle: Path) -> None:
     train_tokenizer([words], vocab_size=10_000, min_count=1).save(str(bundle / "tokenizer.json"))
 
 
-@contextmanager
-def service_process(
+def start_service(
     bundle: Path, open_files: int | None = None, **env: str
-) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`python -m service` on a free port with extra environment, once it is ready: the
-    process (its output merged into stdout) and its URL. Killed on exit if still running.
-    ``open_files``: the soft limit on open files it starts with (the hard one stays)."""
+) -> tuple[subprocess.Popen[str], str]:
+    """`python -m service` started on a free port with extra environment (not yet ready): the
+    process (its output merged into stdout) and its URL. ``open_files``: the soft limit on
+    open files it starts with (the hard one stays)."""
 
     def limit_files() -> None:
         if open_files is not None:
@@ -116,7 +115,16 @@ def service_process(
         start_new_session=True,  # its own process group: what it started goes with it
         preexec_fn=limit_files,
     )
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def service_process(
+    bundle: Path, open_files: int | None = None, **env: str
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m service` (``start_service``), once it is ready. Killed on exit if still
+    running."""
+    process, url = start_service(bundle, open_files, **env)
     try:
         try:
             wait_until_ready(

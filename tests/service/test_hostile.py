@@ -9,8 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,10 +16,9 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from bench.servers import free_port
 from service.bundle import BundleError, load
 from service.config import Settings
-from tests.service.conftest import RunningServer, serve, service_process
+from tests.service.conftest import RunningServer, serve, service_process, start_service
 from tests.service.test_app import metric
 
 
@@ -173,21 +170,7 @@ def test_reloads_asked_for_at_once_are_merged(guarded: RunningServer):
 def test_sighup_during_start_up_neither_kills_the_process_nor_is_lost(trained_bundle: Path):
     """If this fails, a rollout's SIGHUP reaching a pod that is still starting kills it
     without a log line (SIGHUP's default action)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "SENTIMENT_MODEL_DIR": str(trained_bundle.parent),
-        "SENTIMENT_MODEL_NAME": trained_bundle.name,
-        "SENTIMENT_PORT": str(port),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process, url = start_service(trained_bundle)
     try:
         time.sleep(0.5)  # past the interpreter's own start, into settings and the model load
         ready, sent = False, 0
@@ -197,7 +180,7 @@ def test_sighup_during_start_up_neither_kills_the_process_nor_is_lost(trained_bu
             sent += 1
             time.sleep(0.05)
             with contextlib.suppress(httpx.TransportError):
-                ready = httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200
+                ready = httpx.get(f"{url}/ready").status_code == 200
         assert process.poll() is None, process.communicate(timeout=10)[0]
         assert ready
         assert sent > 1
