@@ -6,9 +6,9 @@ them.
 
 Without them one client can hold the process: an unterminated 16 MB header is buffered whole
 (50 of them took 0.9 GB; bounded here to one read of the socket past the limit), and a
-connection that never completes its request is kept forever
-(the keep-alive timer starts only after an answer), so a thousand of them exhaust the file
-descriptors and every request fails, ``/health`` included.
+connection that never completes its request is kept forever (the keep-alive timer starts only
+after an answer), so a thousand of them exhaust the file descriptors and every request fails,
+``/health`` included.
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ import asyncio
 import json
 import logging
 import resource
+from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.errors import STATUS, ErrorType
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +34,12 @@ MAX_HEADERS = 100
 RESERVED_FILES = 64
 
 
-def _answer(status: int, reason: str, message: str, kind: str) -> bytes:
-    body = json.dumps({"error": message, "error_type": kind}).encode()
+def _answer(kind: ErrorType, message: str) -> bytes:
+    """The service's JSON error, written on the connection by hand: no app has the request."""
+    status = HTTPStatus(STATUS[kind])
+    body = json.dumps({"error": message, "error_type": kind.value}).encode()
     return (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status.value} {status.phrase}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     ).encode() + body
 
@@ -62,10 +67,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
             self._refuse(
-                431,
-                "Request Header Fields Too Large",
+                ErrorType.HEADERS_TOO_LARGE,
                 f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
-                "headers_too_large",
             )
 
     def on_message_begin(self) -> None:
@@ -106,16 +109,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.disconnected = True
             self.cycle.message_event.set()
         self._refuse(
-            408,
-            "Request Timeout",
+            ErrorType.READ_TIMEOUT,
             f"the request was not sent whole within {self.read_timeout_s:g} s",
-            "timeout",
         )
 
-    def _refuse(self, status: int, reason: str, message: str, kind: str) -> None:
+    def _refuse(self, kind: ErrorType, message: str) -> None:
         log.info("closing a connection: %s", message)
         if self.cycle is None or not self.cycle.response_started:
-            self.transport.write(_answer(status, reason, message, kind))
+            self.transport.write(_answer(kind, message))
         self.transport.close()
 
 

@@ -16,6 +16,8 @@ class ErrorType(StrEnum):
     FORBIDDEN = "forbidden"
     VALIDATION = "validation"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    READ_TIMEOUT = "read_timeout"
     TOO_MANY_INPUTS = "too_many_inputs"
     INPUT_TOO_LONG = "input_too_long"
     NOT_FOUND = "not_found"
@@ -36,6 +38,8 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.FORBIDDEN: 403,
     ErrorType.VALIDATION: 422,
     ErrorType.PAYLOAD_TOO_LARGE: 413,
+    ErrorType.HEADERS_TOO_LARGE: 431,  # answered by the connection (service/connections.py)
+    ErrorType.READ_TIMEOUT: 408,  # the same: the request was not sent whole in time
     ErrorType.TOO_MANY_INPUTS: 413,
     ErrorType.INPUT_TOO_LONG: 413,
     ErrorType.NOT_FOUND: 404,
