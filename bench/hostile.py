@@ -27,14 +27,7 @@ from typing import Any
 
 import httpx
 
-from bench.servers import answers, free_port, wait_until_ready
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from bench.servers import answers, free_port, rss_mb, wait_until_ready
 
 
 class Watch:
@@ -49,7 +42,7 @@ class Watch:
     def _run(self) -> None:
         with httpx.Client(timeout=5) as client:
             while not self._stop.is_set():
-                self.peak_mb = max(self.peak_mb, _rss_mb(self.pid))
+                self.peak_mb = max(self.peak_mb, rss_mb(self.pid))
                 started = time.perf_counter()
                 try:
                     ok = client.get(f"{self.url}/health").status_code == 200
@@ -180,14 +173,14 @@ def run(bundle: Path) -> list[dict[str, Any]]:
         )
         for name, attack in ATTACKS.items():
             time.sleep(2)
-            idle = _rss_mb(process.pid)
+            idle = rss_mb(process.pid)
             with Watch(process.pid, url).during() as watch:
                 statuses = attack(port, url)
             time.sleep(12)  # past the read timeout and the allocator's decay
             row = {
                 "attack": name,
                 "statuses": dict(Counter(statuses)),
-                "rss_mb": {"idle": idle, "peak": watch.peak_mb, "after": _rss_mb(process.pid)},
+                "rss_mb": {"idle": idle, "peak": watch.peak_mb, "after": rss_mb(process.pid)},
                 "health_slowest_ms": round(watch.slowest_ms, 1),
                 "health_failures": watch.health_failures,
                 "alive": process.poll() is None,

@@ -34,7 +34,6 @@ class Tokens:
     truncation) with their places in the original text."""
 
     ids: np.ndarray  # int64, all of them (before truncation)
-    positions: list[int]  # the indices in ids of the tokens the model reads
     tokens: list[str]  # their vocabulary entries, <unk> for an unknown word
     offsets: list[tuple[int, int]]  # text[start:end] is the token as written
 
@@ -202,7 +201,7 @@ class ModelRuntime:
                 end += 1
             offsets.append((start, end))
         tokens = [self.tokenizer.id_to_token(int(ids[i])) or "" for i in read]
-        return Tokens(ids, list(read), tokens, offsets)
+        return Tokens(ids, tokens, offsets)
 
     # -- infer ------------------------------------------------------------------------------
     def infer(self, seqs: list[np.ndarray], how: Execution = UNSCHEDULED) -> np.ndarray:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from bench.servers import rss_mb
 from service.bundle import BundleError, load
 from service.config import Settings
 from tests.service.conftest import RunningServer, serve, service_process, start_service
@@ -234,13 +235,6 @@ def test_pipelined_requests_from_a_client_that_left_are_not_the_servers_failure(
 
 
 # -- items 1 and 2: the connection's own bounds ---------------------------------------------------
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def _bomb(port: int, megabytes: int) -> bytes:
     """An unterminated header of up to ``megabytes``; what the server answered."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -258,9 +252,9 @@ def test_an_unterminated_header_is_cut_off_with_431_and_holds_no_memory(trained_
     16 MB header took the process from 1.4 to 2.3 GB (the pod's limit is 2 GiB)."""
     with service_process(trained_bundle) as (process, url):
         port = int(url.rsplit(":", 1)[1])
-        idle = _rss_mb(process.pid)
+        idle = rss_mb(process.pid)
         answers = [_bomb(port, megabytes=4) for _ in range(10)]
-        grown = _rss_mb(process.pid) - idle
+        grown = rss_mb(process.pid) - idle
         assert all(a.startswith(b"HTTP/1.1 431") for a in answers), answers[0]
         assert grown < 30, f"{grown:.0f} MB more after 40 MB of headers"
         many = b"".join(b"X-%d: 1\r\n" % i for i in range(150))
