@@ -74,13 +74,26 @@ done
 [ "$up" = "$REPLICAS" ] || fail "Prometheus sees $up api targets up, not $REPLICAS"
 log "Prometheus (dns_sd_configs on tasks.api): $up api targets up"
 
+# Steady load in the background (SECONDS, result file); returns once the load has its first
+# answer, then lets it run 5 s more, so what follows always happens under load.
+start_load() {
+  in_network python /swarm/load.py http://lb:8080/predict "$1" "$CLIENTS" >"$2" 2>"$2.err" &
+  load=$!
+  for _ in $(seq 120); do
+    grep -q answering "$2.err" 2>/dev/null && break
+    kill -0 "$load" 2>/dev/null || fail "the load generator exited: $(cat "$2.err")"
+    sleep 1
+  done
+  grep -q answering "$2.err" || fail "the load generator had no answer in 120 s"
+  sleep 5
+}
+
 # Rolling update under load: the load runs past the update's end.
-update_s=$((REPLICAS * 45 + 30))
-in_network python /swarm/load.py http://lb:8080/predict "$update_s" "$CLIENTS" >/tmp/swarm-rollout.json &
-load=$!
-sleep 10
+start_load $((REPLICAS * 45 + 40)) /tmp/swarm-rollout.json
 started=$(date +%s)
 docker service update --quiet --image imdb-sentiment:v2 "${STACK}_api" >/dev/null
+state=$(docker service inspect --format '{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}' "${STACK}_api")
+[ "$state" = completed ] || fail "the rolling update ended '$state', not completed"
 log "rolling update to $NEW_VERSION done in $(($(date +%s) - started)) s"
 wait "$load"
 python3 - "$OLD_VERSION" "$NEW_VERSION" /tmp/swarm-rollout.json <<'PY'
@@ -97,9 +110,7 @@ print(f"rollout: {result['sent']} sent, {result['answered']} answered, all 200; 
 PY
 
 # A replica's container killed under load: the swarm starts a new task; failures are counted.
-in_network python /swarm/load.py http://lb:8080/predict 60 "$CLIENTS" >/tmp/swarm-kill.json &
-load=$!
-sleep 10
+start_load 60 /tmp/swarm-kill.json
 victim=$(docker ps -q -f "name=${STACK}_api.1" | head -1)
 docker kill "$victim" >/dev/null
 log "killed $victim"

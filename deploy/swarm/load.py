@@ -3,7 +3,9 @@
     python load.py URL SECONDS CLIENTS  -> one JSON line: sent, answered, statuses, versions
     (in order of sending, one entry per second), errors
 
-Each client sends a review, waits for the answer, sends the next (closed loop)."""
+Each client sends a review, waits for the answer, sends the next (closed loop). The first answer
+is announced on stderr ("answering"), so that a caller acts on a load that is already running:
+starting a container can take longer than any fixed sleep on a busy machine."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ statuses: dict[str, int] = {}
 errors: dict[str, int] = {}
 versions: list[tuple[float, str]] = []
 start = time.monotonic()
+first_answer = threading.Event()
 
 
 def client() -> None:
@@ -46,6 +49,9 @@ def client() -> None:
             answered += 1
             statuses[status] = statuses.get(status, 0) + 1
             versions.append((sent_at, version))
+        if not first_answer.is_set():
+            first_answer.set()
+            print("answering", file=sys.stderr, flush=True)
 
 
 threads = [threading.Thread(target=client) for _ in range(clients)]
