@@ -23,12 +23,18 @@ RUN set -eu; \
     else \
         /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
     fi
-COPY pyproject.toml README.md /build/
-COPY service /build/service
-# The serving install only: no training extra. The torch range is met by the build above.
+# The serving lock, hashes checked (every package but torch, whose build is chosen above); then
+# the project on top, resolving nothing.
+COPY requirements/serve.txt /build/requirements/
 RUN set -eu; \
     if [ -f /build/extra/ca-certificates.crt ]; then export PIP_CERT=/build/extra/ca-certificates.crt; fi; \
-    /opt/venv/bin/pip install --no-cache-dir /build
+    /opt/venv/bin/pip install --no-cache-dir --require-hashes -r /build/requirements/serve.txt
+COPY pyproject.toml README.md /build/
+COPY service /build/service
+RUN set -eu; \
+    if [ -f /build/extra/ca-certificates.crt ]; then export PIP_CERT=/build/extra/ca-certificates.crt; fi; \
+    /opt/venv/bin/pip install --no-cache-dir --no-deps /build; \
+    /opt/venv/bin/pip check
 
 FROM ${PYTHON_IMAGE}
 # jemalloc: `python -m service` finds it and runs itself on it (service/allocator.py). Under

@@ -1,5 +1,6 @@
 # One entry point for humans and CI. `make test` works on a fresh machine: it creates .venv,
-# installs torch first (so no dependency can pull a different build), then the project.
+# installs torch first (so no dependency can pull a different build), then every other package
+# from a lock with hashes (requirements/), then the project itself.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install install-serve serve lint format test test-fast clean
+.PHONY: install install-serve serve lock lint format test test-fast clean
 
 $(BIN)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +17,21 @@ $(BIN)/.torch:
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	touch $@
 
-# The serving install: the service and the shipped model, no training-only packages.
-$(BIN)/.installed-serve: pyproject.toml $(BIN)/.torch
-	$(BIN)/python -m pip install --quiet -e .
+# A lock is installed whole, hashes checked (a package it lacks is an error, not a download);
+# the project goes on top without resolving anything, and pip check confirms the result.
+define install_locked
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(1)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $@
+endef
 
-$(BIN)/.installed: pyproject.toml $(BIN)/.torch
-	$(BIN)/python -m pip install --quiet -e ".[train,dev,bench]"
-	touch $@
+# The serving install: the service and the shipped model, no training-only packages.
+$(BIN)/.installed-serve: pyproject.toml requirements/serve.txt $(BIN)/.torch
+	$(call install_locked,requirements/serve.txt)
+
+$(BIN)/.installed: pyproject.toml requirements/dev.txt $(BIN)/.torch
+	$(call install_locked,requirements/dev.txt)
 
 install-serve: $(BIN)/.installed-serve
 install: $(BIN)/.installed
@@ -33,6 +41,20 @@ install: $(BIN)/.installed
 # jemalloc where it is installed (Debian: libjemalloc2), as in the container.
 serve: install-serve
 	$(BIN)/python -m service
+
+# Re-resolves the locks from pyproject.toml (keeping every pin that still fits; UPGRADE=--upgrade
+# moves to the newest releases), for CPython 3.11 on Linux. Torch stays out of them: its build
+# (CPU or CUDA) is the install's choice above; TORCH_SPEC only fixes the version its own
+# dependencies are resolved for. dev.txt starts from serve.txt's pins so the two agree.
+LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes \
+	--strip-extras --no-emit-index-url --no-emit-find-links --unsafe-package torch \
+	--constraint $(VENV)/torch-spec.txt $(UPGRADE)
+lock: $(BIN)/.torch
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.txt
+	echo "$(TORCH_SPEC)" >$(VENV)/torch-spec.txt
+	$(LOCK) -o requirements/serve.txt pyproject.toml
+	cp requirements/serve.txt requirements/dev.txt
+	$(LOCK) --extra train --extra dev --extra bench -o requirements/dev.txt pyproject.toml
 
 lint: install
 	$(BIN)/ruff check .
