@@ -53,6 +53,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._headers = 0
         self._in_head = True
         self._read_timer: asyncio.TimerHandle | None = None
+        self._draining = False
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -86,10 +87,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with "connection: close", then closed
 
     def on_message_complete(self) -> None:
         self._disarm()  # the request is in; the answer's time is the deadline's business
         super().on_message_complete()
+
+    def shutdown(self) -> None:
+        # uvicorn closes an idle connection at once, and a request a client sends on it just
+        # then meets a reset. An idle connection keeps the keep-alive time it was promised
+        # instead (at most timeout_keep_alive, then closed as any idle one is); a request that
+        # comes in that time is answered, with "connection: close".
+        self._draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        elif self.timeout_keep_alive_task is None and not self.transport.is_closing():
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def _arm(self) -> None:
         self._disarm()

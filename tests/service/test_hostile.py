@@ -167,7 +167,7 @@ def test_reloads_asked_for_at_once_are_merged(guarded: RunningServer):
     assert 1 <= done <= 2  # the one running when the others came, and the one they joined
 
 
-# -- item 9: start-up edges -----------------------------------------------------------------------
+# -- item 9: start-up and shutdown edges ----------------------------------------------------------
 def test_sighup_during_start_up_neither_kills_the_process_nor_is_lost(trained_bundle: Path):
     """If this fails, a rollout's SIGHUP reaching a pod that is still starting kills it
     without a log line (SIGHUP's default action)."""
@@ -190,6 +190,49 @@ def test_sighup_during_start_up_neither_kills_the_process_nor_is_lost(trained_bu
         output = process.communicate(timeout=60)[0]
     assert "SIGHUP during start-up" in output
     assert "reloaded" in output  # the request noted during start-up was answered
+
+
+def _exchange(sock: socket.socket, request: bytes) -> bytes:
+    """Sends ``request``, reads one answer (head and content-length body): what came back
+    before the answer ended or the connection did."""
+    answer = b""
+    with contextlib.suppress(OSError):
+        sock.sendall(request)
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length and (chunk := sock.recv(65536)):
+            body += chunk
+        answer = head + b"\r\n\r\n" + body
+    return answer
+
+
+def test_a_keep_alive_request_sent_just_after_sigterm_is_answered(trained_bundle: Path):
+    """If this fails, SIGTERM closes idle keep-alive connections at once, and a request a
+    client sends on one just then meets a closed connection instead of an answer."""
+    body = b'{"inputs": "a fine film"}'
+    request = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with service_process(trained_bundle) as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert _exchange(sock, request).startswith(b"HTTP/1.1 200")
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)  # the server is shutting down: no longer accepting connections
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            answer = _exchange(sock, request)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert b"connection: close" in answer.lower()
+            assert sock.recv(10) == b""  # then closed
+        output = process.communicate(timeout=30)[0]
+        assert process.returncode in (0, -signal.SIGTERM), output
 
 
 # -- item 7: client behaviour counted as the server's failure -------------------------------------
