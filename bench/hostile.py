@@ -146,7 +146,7 @@ ATTACKS = {
 }
 
 
-def run(bundle: Path) -> list[dict[str, Any]]:
+def run(bundle: Path, only: str = "") -> list[dict[str, Any]]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
@@ -172,6 +172,8 @@ def run(bundle: Path) -> list[dict[str, Any]]:
             what="python -m service",
         )
         for name, attack in ATTACKS.items():
+            if only not in name:
+                continue
             time.sleep(2)
             idle = rss_mb(process.pid)
             with Watch(process.pid, url).during() as watch:
@@ -197,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__)
     parser.add_argument("--bundle", type=Path, default=Path("models/imdb-bigru"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", default="", help="the attacks whose name holds this text")
     args = parser.parse_args(argv)
-    rows = run(args.bundle)
+    rows = run(args.bundle, args.only)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")

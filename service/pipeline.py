@@ -351,7 +351,7 @@ def _prepare(runtime: ModelRuntime, texts: list[str]) -> list[_ToExplain]:
     prepared = []
     for text in texts:
         tokens = runtime.tokenize(text)
-        n = len(tokens.ids)
+        n = tokens.count
         dropped = None
         if n > cut.max_length:  # the first token dropped follows the head, the last precedes
             first = tokens.offsets[cut.head - 1][1] if cut.head else 0
@@ -368,7 +368,7 @@ def _prepare(runtime: ModelRuntime, texts: list[str]) -> list[_ToExplain]:
             _ToExplain(
                 tokens.tokens,
                 tokens.offsets,
-                Encoded(cut.apply(tokens.ids), n),
+                Encoded(tokens.ids, n),
                 dropped,
                 spans,
                 parts,

@@ -5,8 +5,12 @@ scheduler's choice of threads and entry point); the runtime never asks the layer
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import unicodedata
+from collections import deque
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +18,48 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tokenizers import Encoding, Tokenizer
 
 from service import bundle
 
 ScoreFunction = Literal["sigmoid", "softmax", "none"]
+
+
+# A text longer than this is tokenised a piece at a time, each piece cut at a space that no
+# normalisation or token spans: the same tokens as the whole text's, with one piece's encoding
+# in memory at a time, and only the read tokens' ids made Python objects (eight 2 MB texts
+# explained at once took the server to 0.9 GB encoded whole, 0.55 GB in pieces).
+PIECE_CHARS = 1 << 16
+# Such a space follows an ASCII character other than a space or "r": NFKC and lower-casing
+# leave ASCII alone, and the "<br />" rule spans a space only after "<br". Each tokenizer is
+# checked against this at load (``_cuts_keep_tokens``).
+_CUT = re.compile(r"(?<=[\x21-\x51\x53-\x71\x73-\x7e])[ \t\n]")
+_CUT_PROBE = (
+    "A <br />b<BR >c  \uff26\uff55\uff4c\uff4c caf\u00e9 cafe\u0301 don't -- stop.\n"
+    "or R 10% x<br\n/>y \uff1cBR \uff1ez "
+)
+
+
+def _cuts(text: str, size: int) -> list[int]:
+    """Where pieces of at least ``size / 2`` characters start and end: each cut at the first
+    space past that (a text with no such space stays one piece)."""
+    bounds = [0]
+    while len(text) - bounds[-1] > size:
+        found = _CUT.search(text, bounds[-1] + size // 2)
+        if found is None:
+            break
+        bounds.append(found.start())
+    bounds.append(len(text))
+    return bounds
+
+
+def _cuts_keep_tokens(tokenizer: Tokenizer) -> bool:
+    """Whether cutting a text at every such space gives the tokens of the whole text."""
+    whole = tokenizer.encode(_CUT_PROBE)
+    pieces = [
+        tokenizer.encode(_CUT_PROBE[a:b]) for a, b in itertools.pairwise(_cuts(_CUT_PROBE, 2))
+    ]
+    return [t for e in pieces for t in e.tokens] == whole.tokens and len(pieces) > 5
 
 
 @dataclass(frozen=True)
@@ -30,12 +72,24 @@ class Encoded:
 
 @dataclass(frozen=True)
 class Tokens:
-    """One text as the tokenizer reads it: all its ids, and the tokens the model reads (after
-    truncation) with their places in the original text."""
+    """One text as the tokenizer reads it: how many tokens it has, and the tokens the model
+    reads (after truncation) with their ids and their places in the original text."""
 
-    ids: np.ndarray  # int64, all of them (before truncation)
+    count: int  # all of them, before truncation
+    ids: np.ndarray  # int64, the ones read
     tokens: list[str]  # their vocabulary entries, <unk> for an unknown word
     offsets: list[tuple[int, int]]  # text[start:end] is the token as written
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A piece of a text that holds tokens the model reads: where it starts in the text (its
+    first token, its first character), its encoding and its ids."""
+
+    first_token: int
+    first_char: int
+    encoding: Encoding
+    ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -162,6 +216,7 @@ class ModelRuntime:
         self.negative, self.positive = loaded.card.labels
         forked = getattr(loaded.model, bundle.FORKED_ENTRY_POINT, None)
         self._forked = forked if loaded.device.type == "cpu" else None
+        self._piece_chars: float = PIECE_CHARS if _cuts_keep_tokens(loaded.tokenizer) else math.inf
 
     @classmethod
     def load(
@@ -176,32 +231,75 @@ class ModelRuntime:
     # -- preprocess -------------------------------------------------------------------------
     def preprocess(self, texts: list[str]) -> list[Encoded]:
         """Tokenise, then cut longer texts by the card's truncation rule."""
+        short = iter(self.tokenizer.encode_batch([t for t in texts if not self._long(t)]))
         encoded = []
-        for enc in self.tokenizer.encode_batch(texts):
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            encoded.append(Encoded(self.truncation.apply(ids), len(ids)))
+        for text in texts:
+            if self._long(text):
+                n, pieces = self._read_pieces(text)
+                ids = np.asarray([piece.ids[i] for i, piece in self._read(n, pieces)], np.int64)
+                encoded.append(Encoded(ids, n))
+            else:
+                ids = np.asarray(next(short).ids, dtype=np.int64)
+                encoded.append(Encoded(self.truncation.apply(ids), len(ids)))
         return encoded
 
     def tokenize(self, text: str) -> Tokens:
         """The tokens the model reads of one text (all of them, or the ones the card's
-        truncation keeps), each with its place in ``text``, and the ids of all of them. Only
-        the read tokens become Python objects: a 2 MB text has a million tokens."""
-        # encode_batch lets go of the GIL while it works (encode does not): a million tokens
-        # take about half a second, which the event loop must not wait out.
-        (enc,) = self.tokenizer.encode_batch([text])
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        cut, n = self.truncation, len(ids)
-        read = range(n) if n <= cut.max_length else [*range(cut.head), *range(n - cut.tail, n)]
-        offsets = []
-        for i in read:
-            start, end = enc.token_to_chars(i) or (0, 0)
+        truncation keeps), each with its id and its place in ``text``. Of a long text only
+        the pieces that hold read tokens stay encoded, and only read tokens become Python
+        objects: a 2 MB text has a million tokens."""
+        n, pieces = self._read_pieces(text)
+        ids, offsets = [], []
+        for i, piece in self._read(n, pieces):
+            ids.append(piece.ids[i])
+            a, b = piece.encoding.token_to_chars(i) or (0, 0)
+            a, b = piece.first_char + a, piece.first_char + b
             # NFKC composes a letter and a following combining accent into one character; the
             # tokenizer's alignment then points at the letter alone. Keep the accent with it.
-            while end < len(text) and unicodedata.combining(text[end]):
-                end += 1
-            offsets.append((start, end))
-        tokens = [self.tokenizer.id_to_token(int(ids[i])) or "" for i in read]
-        return Tokens(ids, tokens, offsets)
+            while b < len(text) and unicodedata.combining(text[b]):
+                b += 1
+            offsets.append((a, b))
+        tokens = [self.tokenizer.id_to_token(i) or "" for i in ids]
+        return Tokens(n, np.asarray(ids, dtype=np.int64), tokens, offsets)
+
+    def _read_pieces(self, text: str) -> tuple[int, list[_Piece]]:
+        """The text's number of tokens, and its pieces that hold the tokens the model reads
+        (the first ``head``, and at least the last ``tail``); the others are only counted."""
+        cut = self.truncation
+        kept: dict[int, tuple[int, int, Encoding]] = {}  # piece: first token, first char, it
+        recent: deque[int] = deque()  # the last pieces, holding at least cut.tail tokens
+        n = 0
+        for k, (start, enc) in enumerate(self._pieces(text)):
+            kept[k] = (n, start, enc)
+            recent.append(k)
+            n += len(enc)
+            while len(recent) > 1 and n - kept[recent[1]][0] >= cut.tail:
+                if kept[old := recent.popleft()][0] >= cut.head:
+                    del kept[old]  # holds none of the head's tokens, nor of the tail's
+        return n, [_Piece(*kept[k], kept[k][2].ids) for k in sorted(kept)]
+
+    def _read(self, n: int, pieces: list[_Piece]) -> Iterator[tuple[int, _Piece]]:
+        """Each token the model reads of a text of ``n`` tokens: its index in its piece."""
+        cut = self.truncation
+        read = range(n) if n <= cut.max_length else [*range(cut.head), *range(n - cut.tail, n)]
+        ordered = iter(pieces)
+        piece = next(ordered)
+        for i in read:
+            while i - piece.first_token >= len(piece.ids):
+                piece = next(ordered)
+            yield i - piece.first_token, piece
+
+    def _long(self, text: str) -> bool:
+        return len(text) > self._piece_chars
+
+    def _pieces(self, text: str) -> Iterator[tuple[int, Encoding]]:
+        """Each piece's first character and its encoding, one piece encoded at a time."""
+        bounds = _cuts(text, int(self._piece_chars)) if self._long(text) else [0, len(text)]
+        for a, b in itertools.pairwise(bounds):
+            # encode_batch lets go of the GIL while it works (encode does not): a million
+            # tokens take about half a second, which the event loop must not wait out.
+            (enc,) = self.tokenizer.encode_batch([text[a:b]])
+            yield a, enc
 
     # -- infer ------------------------------------------------------------------------------
     def infer(self, seqs: list[np.ndarray], how: Execution = UNSCHEDULED) -> np.ndarray:

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 from service import bundle
+from service import runtime as runtime_module
 from service.bundle import BundleError
 from service.runtime import Execution, ModelRuntime
 from tests.service.conftest import corrupt_model_file, oversize_tokenizer
@@ -284,6 +285,46 @@ def test_tokenize_gives_offsets_that_slice_the_token_as_written(runtime: ModelRu
     assert written == ["The", "ﬁlm", "was", "GREAT", ",", "naïve", "😀", "and", "Cafe\u0301", "!"]
     assert tokens.tokens[1] == "film"  # NFKC unfolds the ligature; the offsets keep 'ﬁ'
     assert tokens.ids.tolist() == runtime.tokenizer.encode(text).ids
+
+
+PIECES_WORDS = (
+    "Good bad <br />great <BR> x<br\n/>y caf\u00e9 cafe\u0301 don't 10% r R ; movie\nfilm"
+)
+
+
+@pytest.mark.parametrize("words", [3, 40, 150, 2000])
+def test_a_long_text_read_in_pieces_gives_the_whole_texts_tokens(
+    runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, words: int
+):
+    """If this fails, a text longer than PIECE_CHARS is read differently from the same text
+    whole (a token or a "<br />" cut in two), or its offsets point at the wrong characters.
+    Pieces of 64 characters here, so that texts of every length against the truncation
+    (shorter, about as long, far longer) are cut many times."""
+    monkeypatch.setattr(runtime, "_piece_chars", 64)
+    rng = np.random.default_rng(words)
+    vocabulary = PIECES_WORDS.split(" ")
+    cut = runtime.truncation
+    for _ in range(10):
+        text = " ".join(rng.choice(vocabulary, size=words))
+        whole = runtime.tokenizer.encode(text)
+        n = len(whole.ids)
+        read = range(n) if n <= cut.max_length else [*range(cut.head), *range(n - cut.tail, n)]
+        tokens = runtime.tokenize(text)
+        assert tokens.count == n
+        assert tokens.ids.tolist() == [whole.ids[i] for i in read]
+        assert [a for a, _ in tokens.offsets] == [whole.offsets[i][0] for i in read]
+        (encoded,) = runtime.preprocess([text])
+        assert encoded.original_tokens == n
+        assert encoded.ids.tolist() == cut.apply(np.asarray(whole.ids)).tolist()
+
+
+def test_a_tokenizer_that_joins_across_spaces_reads_a_long_text_whole(trained_bundle: Path):
+    """If this fails, a bundle whose tokenizer reads across spaces (a normaliser that removes
+    them, say) would read long texts with other tokens than short ones."""
+    tokenizer = Tokenizer.from_file(str(trained_bundle / "tokenizer.json"))
+    assert runtime_module._cuts_keep_tokens(tokenizer)
+    tokenizer.normalizer = normalizers.Replace(" ", "")
+    assert not runtime_module._cuts_keep_tokens(tokenizer)
 
 
 def test_integrated_gradients_are_complete_and_the_same_in_any_chunking(runtime: ModelRuntime):
