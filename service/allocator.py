@@ -21,6 +21,7 @@ the throughput of glibc, at the memory level of jemalloc's defaults.
 from __future__ import annotations
 
 import ctypes.util
+import gc
 import logging
 import os
 import sys
@@ -81,3 +82,23 @@ def report(setting: str) -> None:
         )
     else:
         log.info("malloc: the C library's (SENTIMENT_ALLOCATOR=system)")
+
+
+def freeze_long_lived() -> None:
+    """Leave what the process holds for good (the model, the app, the imported modules: about
+    200,000 objects) out of Python's garbage collections from now on. A full collection walks
+    every object it tracks: 237 ms here, the event loop stopped meanwhile, and new objects (a
+    burst of connections, requests) start one every so often: a thousand connections opened at
+    once stalled ``/health`` for 220 ms. What is frozen is still freed when nothing refers to
+    it (a model replaced by a reload); only cycles among frozen objects would stay, so the
+    garbage is collected first (at start the whole heap, once; later only what is not frozen,
+    which is quick)."""
+    gc.collect()
+    gc.freeze()
+    log.info("%d long-lived objects left out of garbage collection", gc.get_freeze_count())
+
+
+def refreeze() -> None:
+    """``freeze_long_lived`` again (a reload's new model), where the process froze at start."""
+    if gc.get_freeze_count():
+        freeze_long_lived()

@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import reload
+from service.allocator import freeze_long_lived
 from service.batcher import DynamicBatcher
 from service.config import ADMIN_RELOAD, Settings
 from service.connections import guarded
@@ -72,9 +73,10 @@ class _Serving:
         self.reloader = reloader
         self.metrics = metrics
         self._sampler: asyncio.Task[None] | None = None
-        # SIGHUP reloads the model; a signal handler can only be set from the main thread
-        # (python -m service), not where a test runs the app in a thread of its own.
-        self._on_sighup = threading.current_thread() is threading.main_thread()
+        # In a process of its own (python -m service) SIGHUP reloads the model and the heap
+        # is frozen once loaded: a signal handler can only be set from the main thread, and a
+        # test that runs the app in a thread of its own keeps its own garbage collection.
+        self._own_process = threading.current_thread() is threading.main_thread()
 
     @classmethod
     async def start(
@@ -103,10 +105,12 @@ class _Serving:
             if multiprocess_dir():
                 sampler = _sample_every(metrics.sample_cuda_memory, 5.0)
                 serving._sampler = asyncio.create_task(sampler)
-        if serving._on_sighup:
+        if serving._own_process:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, serving.reloader.on_signal)
         if reload.take_request_during_start():
             serving.reloader.on_signal()
+        if serving._own_process:
+            freeze_long_lived()
         card = model.card
         log.info(
             "serving %s %s on %s (%s, %d inference workers)",
@@ -117,7 +121,7 @@ class _Serving:
     async def stop(self) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
-        if self._on_sighup:
+        if self._own_process:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await self.predictor.batcher.stop()  # answers everything already queued first
         self.predictor.close()

@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from service.allocator import refreeze
 from service.bundle import BundleError
 from service.config import Settings
 from service.errors import ErrorType, ServiceError
@@ -114,6 +115,7 @@ class Reloader:
         self.metrics.model_info.remove(*model_labels(old))
         self.metrics.model_info.labels(*model_labels(new)).set(1)
         self.metrics.reloads.labels("succeeded").inc()
+        refreeze()
         seconds = time.monotonic() - started
         log.info(
             "reloaded %s: version %s -> %s in %.1f s",
