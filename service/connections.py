@@ -20,7 +20,7 @@ import resource
 from http import HTTPStatus
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from service.errors import STATUS, ErrorType
 
@@ -54,10 +54,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._read_timer: asyncio.TimerHandle | None = None
         self._draining = False
+        self._requests: list[RequestResponseCycle] = []  # not yet answered, pipelined ones too
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        # uvicorn tells only the connection's newest request that the client left; one
+        # pipelined before it would still write its answer, on uvloop into a closed transport
+        # (an error), and be logged as "returned without completing response".
+        for cycle in self._requests:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -87,8 +95,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
-        if self._draining and self.cycle is not None:
-            self.cycle.keep_alive = False  # answered with "connection: close", then closed
+        if self.cycle is not None:
+            self._requests = [c for c in self._requests if not c.response_complete]
+            self._requests.append(self.cycle)
+            if self._draining:
+                self.cycle.keep_alive = False  # answered with "connection: close", then closed
 
     def on_message_complete(self) -> None:
         self._disarm()  # the request is in; the answer's time is the deadline's business

@@ -277,6 +277,31 @@ def test_pipelined_requests_from_a_client_that_left_are_not_the_servers_failure(
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+def test_pipelined_requests_from_a_client_that_left_log_no_error_in_the_served_process(
+    trained_bundle: Path,
+):
+    """If this fails, `python -m service` (on uvloop, where writing to a closed connection
+    raises) logs "ASGI callable returned without completing response" at ERROR for each
+    client that pipelines requests and closes: a log alert pages the on-call for a client's
+    behaviour."""
+    body = b'{"inputs": "a fine film"}'
+    request = (
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    with service_process(trained_bundle) as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(request * 3)
+        time.sleep(1.0)
+        assert httpx.get(f"{url}/health").status_code == 200
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=60)[0]
+    errors = [line for line in output.splitlines() if line.startswith("ERROR")]
+    assert not errors, output
+
+
 # -- items 1 and 2: the connection's own bounds ---------------------------------------------------
 def _bomb(port: int, megabytes: int) -> bytes:
     """An unterminated header of up to ``megabytes``; what the server answered."""
