@@ -33,6 +33,12 @@ def guarded(trained_bundle: Path) -> RunningServer:
 
 
 CLIENT = {"Authorization": "Bearer client"}
+# One /predict request as raw bytes, for attacks an HTTP client cannot express.
+_BODY = b'{"inputs": "a fine film"}'
+PREDICT = (
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+)
 
 
 # -- item 4: no 500 from client input -------------------------------------------------------------
@@ -214,20 +220,15 @@ def _exchange(sock: socket.socket, request: bytes) -> bytes:
 def test_a_keep_alive_request_sent_just_after_sigterm_is_answered(trained_bundle: Path):
     """If this fails, SIGTERM closes idle keep-alive connections at once, and a request a
     client sends on one just then meets a closed connection instead of an answer."""
-    body = b'{"inputs": "a fine film"}'
-    request = (
-        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
     with service_process(trained_bundle) as (process, url):
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            assert _exchange(sock, request).startswith(b"HTTP/1.1 200")
+            assert _exchange(sock, PREDICT).startswith(b"HTTP/1.1 200")
             process.send_signal(signal.SIGTERM)
             time.sleep(0.3)  # the server is shutting down: no longer accepting connections
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", port), timeout=2).close()
-            answer = _exchange(sock, request)
+            answer = _exchange(sock, PREDICT)
             assert answer.startswith(b"HTTP/1.1 200"), answer
             assert b"connection: close" in answer.lower()
             assert sock.recv(10) == b""  # then closed
@@ -262,15 +263,10 @@ def test_pipelined_requests_from_a_client_that_left_are_not_the_servers_failure(
     tracebacks and adds to sentiment_failures_total{reason="backend"}: any client could page
     the on-call."""
     before = metric(server, "sentiment_failures_total", reason="backend")
-    body = b'{"inputs": "a fine film"}'
-    request = (
-        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
     with caplog.at_level("ERROR", logger="service"):
         for _ in range(5):
             with socket.create_connection(("127.0.0.1", server.settings.port)) as sock:
-                sock.sendall(request * 3)
+                sock.sendall(PREDICT * 3)
         time.sleep(1.0)
     assert metric(server, "sentiment_failures_total", reason="backend") == before
     assert "unhandled error" not in caplog.text
@@ -284,16 +280,11 @@ def test_pipelined_requests_from_a_client_that_left_log_no_error_in_the_served_p
     raises) logs "ASGI callable returned without completing response" at ERROR for each
     client that pipelines requests and closes: a log alert pages the on-call for a client's
     behaviour."""
-    body = b'{"inputs": "a fine film"}'
-    request = (
-        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
     with service_process(trained_bundle) as (process, url):
         port = int(url.rsplit(":", 1)[1])
         for _ in range(10):
             with socket.create_connection(("127.0.0.1", port)) as sock:
-                sock.sendall(request * 3)
+                sock.sendall(PREDICT * 3)
         time.sleep(1.0)
         assert httpx.get(f"{url}/health").status_code == 200
         os.killpg(process.pid, signal.SIGTERM)
