@@ -111,8 +111,8 @@ class Settings(BaseSettings):
         gt=0,
         le=600,
         description="seconds a client has to send a whole request (line, headers and body) "
-        "from connecting or from the request's first byte; past it, 408 and the connection "
-        "closes",
+        "from its first byte; past it, 408 and the connection closes. A connection that has "
+        "sent nothing yet is idle, closed after keep_alive_s as between requests",
     )
     keep_alive_s: int = Field(
         5,

@@ -1,8 +1,9 @@
 """The HTTP connection's own bounds, which uvicorn leaves open: how many bytes a request's head
 may take, how many header fields it may have, and how long a client may take to send a whole
-request. uvicorn's httptools protocol with those three checks added (``guarded``); uvicorn's
-``limit_concurrency`` bounds the connections, and ``raise_open_file_limit`` makes room for
-them.
+request once begun (a connection that has sent nothing is idle, closed by the keep-alive
+timeout as between requests). uvicorn's httptools protocol with those checks added
+(``guarded``); uvicorn's ``limit_concurrency`` bounds the connections, and
+``raise_open_file_limit`` makes room for them.
 
 Without them one client can hold the process: an unterminated 16 MB header is buffered whole
 (50 of them took 0.9 GB; bounded here to one read of the socket past the limit), and a
@@ -55,7 +56,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._read_timer: asyncio.TimerHandle | None = None
         self._draining = False
         self._requests: list[RequestResponseCycle] = []  # not yet answered, pipelined ones too
-        self._arm()
+        # Until its first byte a connection is idle, as between requests: the keep-alive timeout
+        # closes it (a client may well think longer than the read timeout before it asks).
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -69,6 +74,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._read_timer is None:
+            self._arm()  # a request has begun: it must be whole within the read timeout
         # Counted while the head is incomplete, checked once the chunk is parsed: a chunk that
         # ends the head may carry the start of the body, which is not the head's.
         if self._in_head:
@@ -149,7 +156,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 def guarded(read_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
     """uvicorn's ``http`` protocol with the head's bounds and ``read_timeout_s`` to send a
-    whole request (from the connection, or from the request's first byte). A class of this
+    whole request from its first byte. A class of this
     module, set for this process: uvicorn hands it by name to the processes it starts, where
     ``service.app.process_app`` sets it again from their settings."""
     GuardedHttpToolsProtocol.read_timeout_s = read_timeout_s

@@ -332,11 +332,11 @@ def test_connections_that_never_finish_a_request_are_closed_and_do_not_starve_he
     """If this fails, connections with no request, half a head or half a body are held
     forever: under a low open-file limit 1,100 of them made every request fail, /health
     included. Here the process starts with a soft limit of 256 (it raises it to the hard
-    limit) and 400 stalled connections come in."""
-    with service_process(trained_bundle, open_files=256, SENTIMENT_READ_TIMEOUT_S="2") as (
-        _,
-        url,
-    ):
+    limit) and 400 stalled connections come in: those that sent nothing are idle (closed by
+    the keep-alive timeout), the others are past the read timeout (408)."""
+    with service_process(
+        trained_bundle, open_files=256, SENTIMENT_READ_TIMEOUT_S="2", SENTIMENT_KEEP_ALIVE_S="2"
+    ) as (_, url):
         port = int(url.rsplit(":", 1)[1])
         stalled = []
         for i in range(400):
@@ -349,7 +349,7 @@ def test_connections_that_never_finish_a_request_are_closed_and_do_not_starve_he
         started = time.monotonic()
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
         assert time.monotonic() - started < 1
-        time.sleep(3)  # past the read timeout
+        time.sleep(3)  # past both timeouts
         closed = 0
         for sock in stalled:
             sock.settimeout(5)
@@ -359,6 +359,21 @@ def test_connections_that_never_finish_a_request_are_closed_and_do_not_starve_he
             sock.close()
         assert closed == len(stalled)
         assert httpx.post(f"{url}/predict", json={"inputs": "fine"}).status_code == 200
+
+
+def test_a_client_that_thinks_before_its_first_request_is_served_not_timed_out(
+    trained_bundle: Path,
+):
+    """If this fails, a connection's first request must start within the read timeout of
+    connecting: clients that open connections ahead and think before asking (the overload
+    benchmark's 2,000 connections) got 408 for a request they sent whole and at once."""
+    with service_process(
+        trained_bundle, SENTIMENT_READ_TIMEOUT_S="1", SENTIMENT_KEEP_ALIVE_S="5"
+    ) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            time.sleep(2)  # past the read timeout, within the keep-alive one
+            assert _exchange(sock, PREDICT).startswith(b"HTTP/1.1 200")
 
 
 # -- item 5: a request that could never be admitted -----------------------------------------------
