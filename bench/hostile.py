@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import resource
 import socket
@@ -31,35 +32,58 @@ from bench.servers import answers, free_port, rss_mb, wait_until_ready
 
 
 class Watch:
-    """RSS and /health latency, sampled every 50 ms while an attack runs."""
+    """RSS and /health latency, sampled every 50 ms while an attack runs, from a process of its
+    own (as a liveness probe is): in a thread of this one it would time this process's own GIL
+    too, held by the attack's threads while they encode 2 MB bodies."""
 
     def __init__(self, pid: int, url: str) -> None:
-        self.pid, self.url = pid, url
-        self.peak_mb, self.slowest_ms, self.health_failures = 0.0, 0.0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        context = multiprocessing.get_context("spawn")
+        self._peak_mb = context.Value("d", 0.0)
+        self._slowest_ms = context.Value("d", 0.0)
+        self._failures = context.Value("i", 0)
+        self._sampling, self._stop = context.Event(), context.Event()
+        shared = (self._peak_mb, self._slowest_ms, self._failures, self._sampling, self._stop)
+        self._process = context.Process(target=_watch, args=(pid, url, *shared), daemon=True)
 
-    def _run(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            while not self._stop.is_set():
-                self.peak_mb = max(self.peak_mb, rss_mb(self.pid))
-                started = time.perf_counter()
-                try:
-                    ok = client.get(f"{self.url}/health").status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                self.slowest_ms = max(self.slowest_ms, (time.perf_counter() - started) * 1e3)
-                self.health_failures += not ok
-                time.sleep(0.05)
+    @property
+    def peak_mb(self) -> float:
+        return float(self._peak_mb.value)
+
+    @property
+    def slowest_ms(self) -> float:
+        return float(self._slowest_ms.value)
+
+    @property
+    def health_failures(self) -> int:
+        return int(self._failures.value)
 
     @contextlib.contextmanager
     def during(self) -> Iterator[Watch]:
-        self._thread.start()
+        self._process.start()
+        if not self._sampling.wait(timeout=60):
+            raise RuntimeError("the /health watcher did not start")
         try:
             yield self
         finally:
             self._stop.set()
-            self._thread.join()
+            self._process.join()
+
+
+def _watch(
+    pid: int, url: str, peak_mb: Any, slowest_ms: Any, failures: Any, sampling: Any, stop: Any
+) -> None:
+    with httpx.Client(timeout=5) as client:
+        while not stop.is_set():
+            peak_mb.value = max(peak_mb.value, rss_mb(pid))
+            started = time.perf_counter()
+            try:
+                ok = client.get(f"{url}/health").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            slowest_ms.value = max(slowest_ms.value, (time.perf_counter() - started) * 1e3)
+            failures.value += not ok
+            sampling.set()
+            time.sleep(0.05)
 
 
 def _status(answer: bytes) -> str:
