@@ -156,9 +156,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 def guarded(read_timeout_s: float) -> type[GuardedHttpToolsProtocol]:
     """uvicorn's ``http`` protocol with the head's bounds and ``read_timeout_s`` to send a
-    whole request from its first byte. A class of this
-    module, set for this process: uvicorn hands it by name to the processes it starts, where
-    ``service.app.process_app`` sets it again from their settings."""
+    whole request from its first byte. A class of this module, set for this process: uvicorn
+    hands it by name to the processes it starts, where ``service.app.process_app`` sets it
+    again from their settings."""
     GuardedHttpToolsProtocol.read_timeout_s = read_timeout_s
     return GuardedHttpToolsProtocol
 
