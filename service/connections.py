@@ -115,15 +115,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def shutdown(self) -> None:
         # uvicorn closes an idle connection at once, and a request a client sends on it just
         # then meets a reset. An idle connection keeps the keep-alive time it was promised
-        # instead (at most timeout_keep_alive, then closed as any idle one is); a request that
-        # comes in that time is answered, with "connection: close".
+        # instead (its timer runs from connecting or from the last answer, and closes it);
+        # a request that comes in that time is answered, with "connection: close".
         self._draining = True
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False
-        elif self.timeout_keep_alive_task is None and not self.transport.is_closing():
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
 
     def _arm(self) -> None:
         self._disarm()
