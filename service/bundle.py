@@ -18,10 +18,18 @@ reads it (the service, `training evaluate`, the benchmark and the peer servers i
 - ``card.json``: ``Card`` below, validated on write and on read: what the model is, how it
   was made, how well it does, its calibration and its truncation rule.
 
-and may hold a fourth, written by ``python -m training quantize`` after training:
+and may hold two more:
 
-- ``model.int8.pt``: the same network with its GRU and linear weights quantised to int8
-  (dynamic quantisation), the same entry points, CPU only; the card's ``int8`` section
+- ``model.onnx``: ``forward`` as an ONNX graph (inputs ``ids`` and ``lengths``, output
+  ``logits``; padding and lengths read exactly as ``model.pt`` reads them), for ONNX Runtime
+  on a CPU. Written by the export and added to an older bundle by ``python -m training
+  migrate``, from the same weights; the card's ``onnx`` section (``OnnxVariant``) records its
+  check against the eager network and the SHA-256 of the ``model.pt`` it was made from.
+  Explanations still take their gradients from ``model.pt``; a bundle without it serves on
+  TorchScript alone.
+- ``model.int8.pt``, written by ``python -m training quantize`` after training: the same
+  network with its GRU and linear weights quantised to int8 (dynamic quantisation), the same
+  entry points, CPU only; the card's ``int8`` section
   (``Int8Variant``) has its own test metrics and the SHA-256 of the ``model.pt`` it was made
   from, so a retrained ``model.pt`` never runs beside a stale variant.
 
@@ -36,6 +44,7 @@ import hashlib
 import io
 import json
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +60,9 @@ MODEL_FILE = "model.pt"
 TOKENIZER_FILE = "tokenizer.json"
 CARD_FILE = "card.json"
 INT8_FILE = "model.int8.pt"
+ONNX_FILE = "model.onnx"
+ONNX_INPUTS = ("ids", "lengths")
+ONNX_OUTPUT = "logits"
 FILES = (MODEL_FILE, TOKENIZER_FILE, CARD_FILE)
 # 2: truncation moved from tokenizer.json to the card (head + tail).
 # 3: model.pt exports embed and forward_embedded; the card is validated (Card).
@@ -67,6 +79,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 Precision = Literal["float32", "float16", "bfloat16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("float32", "float16", "bfloat16", "int8")
 PrecisionChoice = Literal["auto", "float32", "float16", "bfloat16", "int8"]
+# What runs the ``forward`` of prediction batches besides TorchScript: ``onnx`` needs the
+# bundle's model.onnx and a CPU; ``auto`` loads it where both hold; ``torchscript`` never does.
+RuntimeChoice = Literal["auto", "torchscript", "onnx"]
 
 
 class BundleError(Exception):
@@ -209,6 +224,23 @@ class Int8Variant(BaseModel):
     created_at: str
 
 
+class OnnxVariant(BaseModel):
+    """``model.onnx``: ``model.pt``'s ``forward`` exported to ONNX from the same weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    opset: int = Field(ge=1)
+    source_sha256: str = Field(description="SHA-256 of the model.pt it was made from")
+    max_abs_diff: float = Field(
+        ge=0,
+        description="largest logit difference of ONNX Runtime from the eager network on the "
+        "check batch (mixed lengths)",
+    )
+    onnxruntime_version: str
+    created_at: str
+
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
 
 
@@ -231,6 +263,7 @@ class ModelSummary(BaseModel):
     architecture: Architecture
     parameters: int = Field(ge=1)
     int8: Int8Variant | None = Field(None, description="the int8 CPU variant, if it was made")
+    onnx: OnnxVariant | None = Field(None, description="the ONNX export, if the bundle has one")
 
 
 class Card(ModelSummary):
@@ -255,6 +288,88 @@ class Card(ModelSummary):
         return ModelSummary.model_validate(self.model_dump(include=set(ModelSummary.model_fields)))
 
 
+class OnnxModel:
+    """``model.onnx`` in ONNX Runtime's CPU provider: ``forward``'s logits for padded ids and
+    lengths, as numpy arrays. A session fixes its intra-op threads when it is made, so there is
+    one per thread count asked for, made at its first use (the warm-up's); a session may be run
+    from several threads at once."""
+
+    def __init__(self, path: Path, optimization: str = "all") -> None:
+        import onnxruntime  # a serving dependency, but only a bundle with model.onnx needs it
+
+        self._ort = onnxruntime
+        self._graph = path.read_bytes()  # sessions made later read what was checked now
+        self._optimization = {
+            "basic": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "none": onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[optimization]
+        self._sessions: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        session = self.session(1)
+        inputs = tuple(i.name for i in session.get_inputs())
+        outputs = tuple(o.name for o in session.get_outputs())
+        if inputs != ONNX_INPUTS or outputs != (ONNX_OUTPUT,):
+            raise BundleError(
+                f"{path} takes {inputs} and gives {outputs}; the contract is {ONNX_INPUTS} -> "
+                f"{ONNX_OUTPUT}"
+            )
+
+    def session(self, threads: int) -> Any:
+        with self._lock:
+            if threads not in self._sessions:
+                options = self._ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+                # Its pool's threads would spin between calls, taking the core that another
+                # worker's batch or the event loop needs.
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                options.graph_optimization_level = self._optimization
+                options.log_severity_level = 3  # errors only: its warnings are about itself
+                self._sessions[threads] = self._ort.InferenceSession(
+                    self._graph, options, providers=["CPUExecutionProvider"]
+                )
+            return self._sessions[threads]
+
+    def __call__(self, ids: np.ndarray, lengths: np.ndarray, threads: int) -> np.ndarray:
+        (logits,) = self.session(threads).run(None, {"ids": ids, "lengths": lengths})
+        return np.asarray(logits, dtype=np.float32)
+
+
+def load_onnx(
+    folder: Path, card: Card, device: torch.device, runtime: RuntimeChoice
+) -> OnnxModel | None:
+    """The bundle's ONNX model where ``runtime`` asks for it (see ``RuntimeChoice``)."""
+    if runtime == "torchscript":
+        return None
+    path = folder / ONNX_FILE
+    usable = device.type == "cpu" and card.onnx is not None and path.is_file()
+    if runtime == "auto" and not usable:
+        return None
+    if device.type != "cpu":
+        raise BundleError(
+            f"the ONNX runtime runs on a CPU here (onnxruntime's CPU provider); on {device} "
+            "serve TorchScript (runtime auto or torchscript)"
+        )
+    if card.onnx is None or not path.is_file():
+        raise BundleError(
+            f"{folder} has no ONNX model (card section onnx and {ONNX_FILE}); add one with "
+            f"`python -m training migrate {folder}`"
+        )
+    if sha256(folder / MODEL_FILE) != card.onnx.source_sha256:
+        raise BundleError(
+            f"{path} was made from another {MODEL_FILE} than the one in {folder}; make it "
+            f"again with `python -m training migrate {folder}`"
+        )
+    try:
+        return OnnxModel(path)
+    except BundleError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types on a bad graph
+        raise BundleError(f"{path} is not a loadable ONNX model: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class Bundle:
     folder: Path
@@ -265,6 +380,7 @@ class Bundle:
     precision: Precision
     # The one gradients are taken through (explanations): ``model`` itself, except for int8.
     differentiable: torch.jit.ScriptModule
+    onnx: OnnxModel | None = None  # model.onnx, where the runtime choice loaded it
 
     @property
     def metrics(self) -> dict[str, SplitMetrics]:
@@ -301,11 +417,13 @@ def load(
     folder: Path,
     device: str | torch.device = "auto",
     precision: PrecisionChoice = "float32",
+    runtime: RuntimeChoice = "torchscript",
 ) -> Bundle:
     """Load and check a bundle; every way it can be unusable is one ``BundleError``. With a
     half ``precision`` the weights are cast after the checks (the entry points take the same
     ids and lengths; their outputs come in that dtype). ``int8`` serves ``model.int8.pt`` on a
-    CPU and keeps ``model.pt`` for gradients; ``auto`` is int8 where it can be, else float32."""
+    CPU and keeps ``model.pt`` for gradients; ``auto`` is int8 where it can be, else float32.
+    ``runtime`` says whether ``model.onnx`` is loaded too (``RuntimeChoice``)."""
     if not folder.is_dir():
         raise BundleError(f"model bundle not found: {folder} is not a folder")
     missing = [f for f in FILES if not (folder / f).is_file()]
@@ -328,14 +446,15 @@ def load(
     _check_vocabulary(folder, card, tokenizer, model)
     if precision == "auto":
         precision = "int8" if torch_device.type == "cpu" and card.int8 is not None else "float32"
+    onnx = load_onnx(folder, card, torch_device, runtime)
     if precision == "int8":
         served = _load_int8(folder, card, torch_device)
-        return Bundle(folder, card, served, tokenizer, torch_device, precision, model)
+        return Bundle(folder, card, served, tokenizer, torch_device, precision, model, onnx)
     if precision != "float32":
         model = model.to(dtype=DTYPES[precision])
     if torch_device.type == "cuda":
         flatten_rnn_weights(model)
-    return Bundle(folder, card, model, tokenizer, torch_device, precision, model)
+    return Bundle(folder, card, model, tokenizer, torch_device, precision, model, onnx)
 
 
 def _load_tokenizer(folder: Path) -> Tokenizer:
@@ -450,17 +569,45 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save(folder: Path, model: torch.jit.ScriptModule, tokenizer: Tokenizer, card: Card) -> Path:
-    """Write the three files, and only once they load as a bundle put them in ``folder``."""
+def save(
+    folder: Path,
+    model: torch.jit.ScriptModule,
+    tokenizer: Tokenizer,
+    card: Card,
+    onnx: tuple[bytes, OnnxVariant] | None = None,
+) -> Path:
+    """Write the three files (and ``model.onnx`` with its card section, its source hash filled
+    in here), and only once they load as a bundle put them in ``folder``."""
 
     def write(partial: Path) -> None:
         model.save(str(partial / MODEL_FILE))
         served = Tokenizer.from_str(tokenizer.to_str())
         served.no_truncation()
         served.save(str(partial / TOKENIZER_FILE))
-        _write_card(partial, card)
+        written = card
+        if onnx is not None:
+            graph, variant = onnx
+            (partial / ONNX_FILE).write_bytes(graph)
+            source = sha256(partial / MODEL_FILE)
+            written = card.model_copy(
+                update={"onnx": variant.model_copy(update={"source_sha256": source})}
+            )
+        _write_card(partial, written)
 
-    return _replace(folder, write, "float32")
+    return _replace(folder, write, "float32", "onnx" if onnx is not None else "torchscript")
+
+
+def save_onnx(folder: Path, graph: bytes, variant: OnnxVariant) -> Path:
+    """Add ``graph`` as the ``model.onnx`` of the bundle in ``folder``: its other files are
+    copied as they are, the card gains ``variant``, and the result must load with it."""
+    card = read_card(folder)
+
+    def write(partial: Path) -> None:
+        _copy_files(folder, partial)
+        (partial / ONNX_FILE).write_bytes(graph)
+        _write_card(partial, card.model_copy(update={"onnx": variant}))
+
+    return _replace(folder, write, "float32", "onnx")
 
 
 def save_int8(folder: Path, model: torch.jit.ScriptModule, variant: Int8Variant) -> Path:
@@ -470,23 +617,34 @@ def save_int8(folder: Path, model: torch.jit.ScriptModule, variant: Int8Variant)
     card = read_card(folder)
 
     def write(partial: Path) -> None:
-        for name in FILES:
-            shutil.copy2(folder / name, partial / name)
+        _copy_files(folder, partial)
         model.save(str(partial / INT8_FILE))
         _write_card(partial, card.model_copy(update={"int8": variant}))
 
-    return _replace(folder, write, "int8")
+    return _replace(folder, write, "int8", "onnx" if card.onnx is not None else "torchscript")
 
 
-def _replace(folder: Path, write: Callable[[Path], None], check: Precision) -> Path:
-    """``write`` the files beside ``folder``, read them back through ``load`` (as ``check``) and
-    only then move them into place, so a failed or interrupted save never leaves a half
-    bundle."""
+def _copy_files(folder: Path, partial: Path) -> None:
+    """The bundle's files, as they are (the optional ones where it has them)."""
+    for name in (*FILES, INT8_FILE, ONNX_FILE):
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, partial / name)
+
+
+def _replace(
+    folder: Path,
+    write: Callable[[Path], None],
+    check: Precision,
+    runtime: RuntimeChoice = "torchscript",
+) -> Path:
+    """``write`` the files beside ``folder``, read them back through ``load`` (as ``check``,
+    with ``runtime``) and only then move them into place, so a failed or interrupted save never
+    leaves a half bundle."""
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     write(partial)
-    load(partial, "cpu", check)
+    load(partial, "cpu", check, runtime)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder

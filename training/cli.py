@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         "int8 scores the bundle's int8 variant against its own card figures)",
     )
     evaluate.add_argument(
+        "--runtime",
+        choices=("torchscript", "onnx"),
+        default="torchscript",
+        help="what runs the model: model.pt (or the --dtype variant) in TorchScript, or the "
+        "bundle's model.onnx in ONNX Runtime on the CPU (float32, scored against the card's "
+        "float32 figures), as the service's SENTIMENT_RUNTIME",
+    )
+    evaluate.add_argument(
         "--tolerance",
         type=float,
         default=0.001,
@@ -379,6 +387,7 @@ def cmd_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         args.batch_size,
         args.dtype,
         args.sentences,
+        args.runtime,
     )
     reproduced = True
     for name, measured in metrics.items():

@@ -4,14 +4,14 @@ sentence file) from the bundle alone."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from service import bundle
 from training import behaviour
-from training.batches import predict_logits
+from training.batches import Model, predict_logits
 from training.data import ReviewSet, load_imdb, load_sentences
 from training.errors import DataError
 from training.metrics import classification_metrics, sigmoid
@@ -27,13 +27,17 @@ def evaluate_bundle(
     batch_size: int = 256,
     precision: bundle.Precision = "float32",
     sentences: Path | None = None,
+    runtime: Literal["torchscript", "onnx"] = "torchscript",
 ) -> tuple[dict[str, dict[str, Any]], dict[str, bundle.SplitMetrics]]:
     """Metrics of the bundle per set (``test``, and ``sentences`` when a sentence file is
     given), and those its card claims for that precision (int8: the variant's own). The
     bundle is read through the contract the service reads it with, and scored through its
-    tokenizer and TorchScript file; nothing from the training run or its cache is read."""
+    tokenizer and its TorchScript file (``runtime`` onnx: its ONNX file, float32); nothing
+    from the training run or its cache is read."""
+    if runtime == "onnx" and precision != "float32":
+        raise DataError(f"model.onnx is the float32 network: score it as float32, not {precision}")
     try:
-        loaded = bundle.load(folder, device, precision)
+        loaded = bundle.load(folder, device, precision, runtime)
     except bundle.BundleError as exc:
         raise DataError(str(exc)) from exc
     sets = load_sets(data, cache_dir, data_sha256, sentences)
@@ -60,9 +64,22 @@ def logits_and_temperatures(
     card's calibration gives a text of its length."""
     ids = encode(loaded.tokenizer, texts)
     logits = predict_logits(
-        loaded.model, ids, loaded.card.truncation, batch_size, loaded.device, desc
+        _forward(loaded), ids, loaded.card.truncation, batch_size, loaded.device, desc
     )
     return logits, loaded.card.calibration.temperatures(np.array([len(i) for i in ids]))
+
+
+def _forward(loaded: bundle.Bundle) -> Model:
+    """The loaded model's ``forward``: ONNX Runtime's where the bundle was loaded with it."""
+    onnx = loaded.onnx
+    if onnx is None:
+        return loaded.model
+
+    def run(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        assert onnx is not None
+        return torch.from_numpy(onnx(ids.numpy(), lengths.numpy(), torch.get_num_threads()))
+
+    return run
 
 
 def probabilities(loaded: bundle.Bundle, texts: list[str]) -> np.ndarray:

@@ -6,6 +6,8 @@ entry points. A format-3 ``model.pt`` exported before ``forward_forked`` existed
 The network is rebuilt from the card's architecture, loaded with the old file's weights,
 checked to give the old file's logits, and exported as training exports it. An int8 variant
 was made from the old file, so it is dropped: ``python -m training quantize`` makes it again.
+A format-3 bundle with every entry point but no ``model.onnx`` gains that alone: its
+``model.pt`` (and so its int8 variant) stays as it is.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tokenizers import Tokenizer
 from service import bundle
 from training.batches import pad_batch
 from training.errors import DataError, ExportError
-from training.export import TOLERANCE, export_bundle
+from training.export import TOLERANCE, export_bundle, export_onnx
 from training.model import SentimentRNN
 
 CHECK_REVIEWS = 64
@@ -48,13 +50,14 @@ def migrate(folder: Path, log: Callable[[str], object] = print) -> Path:
         tokenizer = Tokenizer.from_file(str(folder / bundle.TOKENIZER_FILE))
     except Exception as exc:  # torch and tokenizers raise plain exceptions on damaged files
         raise DataError(f"{folder} cannot be read: {exc}") from exc
-    if found == bundle.FORMAT_VERSION and hasattr(old, bundle.FORKED_ENTRY_POINT):
-        log(f"{folder} is already format {bundle.FORMAT_VERSION} with every entry point")
-        return folder
     model = SentimentRNN.from_card(card["architecture"], old.state_dict())
-
     truncation = bundle.Truncation.model_validate(card["truncation"])
     check = check_batch(tokenizer.get_vocab_size(), truncation.max_length)
+    if found == bundle.FORMAT_VERSION and hasattr(old, bundle.FORKED_ENTRY_POINT):
+        if card.get("onnx") is not None and (folder / bundle.ONNX_FILE).is_file():
+            log(f"{folder} is already format {bundle.FORMAT_VERSION} with every file")
+            return folder
+        return _add_onnx(folder, model, check, truncation, log)
     ids, lengths = pad_batch(check, truncation)
     with torch.no_grad():
         diff = float((model(ids, lengths) - old(ids, lengths)).abs().max())
@@ -76,6 +79,23 @@ def migrate(folder: Path, log: Callable[[str], object] = print) -> Path:
             f"{folder}: its int8 variant was made from the old file; make it again with "
             f"`python -m training quantize {folder}`"
         )
+    return folder
+
+
+def _add_onnx(
+    folder: Path,
+    model: SentimentRNN,
+    check: list[np.ndarray],
+    truncation: bundle.Truncation,
+    log: Callable[[str], object],
+) -> Path:
+    graph, variant = export_onnx(model, check, truncation)
+    source = bundle.sha256(folder / bundle.MODEL_FILE)
+    bundle.save_onnx(folder, graph, variant.model_copy(update={"source_sha256": source}))
+    log(
+        f"{folder}: gains {bundle.ONNX_FILE} from the same weights (ONNX Runtime's logits within "
+        f"{variant.max_abs_diff:.1g} of the network's on {CHECK_REVIEWS} sequences)"
+    )
     return folder
 
 

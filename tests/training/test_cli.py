@@ -44,9 +44,10 @@ def test_help_documents_every_option():
         assert "--data" in out
 
 
-def test_bundle_has_the_three_files_and_a_complete_card(trained_bundle: Path):
+def test_bundle_has_the_four_files_and_a_complete_card(trained_bundle: Path):
     assert sorted(p.name for p in trained_bundle.iterdir()) == [
         "card.json",
+        "model.onnx",
         "model.pt",
         "tokenizer.json",
     ]
@@ -80,6 +81,8 @@ def test_bundle_has_the_three_files_and_a_complete_card(trained_bundle: Path):
     entry_points = {"forward", "embed", "forward_embedded", "forward_forked"}
     assert set(card["export"]["max_abs_diff"]) == entry_points
     assert max(card["export"]["max_abs_diff"].values()) <= 1e-5
+    assert card["onnx"]["max_abs_diff"] <= 1e-4
+    assert card["onnx"]["source_sha256"] == bundle.sha256(trained_bundle / "model.pt")
 
 
 def test_exported_files_reload_and_score_raw_text(trained_bundle: Path):
@@ -240,7 +243,7 @@ def test_migrate_gives_a_format_3_bundle_the_forked_entry_point(
             migrated.model.forward_forked(ids, lengths), want, rtol=0, atol=0
         )
     migrate(folder, log=lines.append)  # complete now: nothing to do
-    assert "every entry point" in lines[-1]
+    assert "every file" in lines[-1]
 
 
 def test_training_learns_the_tiny_task(trained_bundle: Path):
