@@ -102,8 +102,11 @@ def _checked_bundle(settings: Settings) -> ModelRuntime | None:
         if settings.processes > 1:
             on_cpu = resolve_device(settings.device).type == "cpu"
             dtype = settings.dtype if on_cpu else "float32"
-            return ModelRuntime.load(settings.bundle_dir, "cpu", dtype)
-        return ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
+            runtime = settings.runtime if on_cpu else "torchscript"
+            return ModelRuntime.load(settings.bundle_dir, "cpu", dtype, runtime)
+        return ModelRuntime.load(
+            settings.bundle_dir, settings.device, settings.dtype, settings.runtime
+        )
     except BundleError as exc:
         print(f"error: cannot serve: {exc}", file=sys.stderr)
         return None

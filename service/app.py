@@ -84,22 +84,25 @@ class _Serving:
     ) -> _Serving:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        model = runtime or ModelRuntime.load(settings.bundle_dir, settings.device, settings.dtype)
+        model = runtime or ModelRuntime.load(
+            settings.bundle_dir, settings.device, settings.dtype, settings.runtime
+        )
         scheduler = policy.resolve(
             on_cpu=model.device.type == "cpu",
             torch_threads=torch.get_num_threads(),
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
+            runtime=settings.runtime,
         )
         if settings.warmup:
-            await asyncio.to_thread(model.warmup, (1, settings.max_batch_size), scheduler.alone())
+            await asyncio.to_thread(model.warmup, scheduler.warm_ups())
         batcher = DynamicBatcher(
             model.infer, scheduler, max_wait_s=settings.max_wait_ms / 1000, metrics=metrics
         )
         await batcher.start()
         predictor = Predictor(model, batcher, settings, metrics)
         serving = cls(predictor, Reloader(predictor, settings, metrics), metrics)
-        metrics.model_info.labels(*model_labels(model)).set(1)
+        metrics.model_info.labels(*model_labels(model, scheduler)).set(1)
         if model.device.type == "cuda":
             metrics.watch_cuda_memory(model.cuda_memory)
             if multiprocess_dir():
@@ -113,8 +116,9 @@ class _Serving:
             freeze_long_lived()
         card = model.card
         log.info(
-            "serving %s %s on %s (%s, %d inference workers)",
-            *(card.name, card.version, model.device, model.precision, scheduler.workers),
+            "serving %s %s on %s (%s, %s, %d inference workers)",
+            *(card.name, card.version, model.device, model.precision),
+            *(scheduler.runtime(model.has_onnx), scheduler.workers),
         )
         return serving
 

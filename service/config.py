@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.bundle import PrecisionChoice, resolve_device
+from service.bundle import PrecisionChoice, RuntimeChoice, resolve_device
 
 ADMIN_RELOAD = "/admin/reload"
 # Lists come from the environment as comma-separated text: SENTIMENT_CORS_ORIGINS=a,b
@@ -33,6 +33,13 @@ class Settings(BaseSettings):
         "int8 variant, else float32), float32, int8 (the bundle's model.int8.pt; CPU only), or "
         "float16/bfloat16 (meant for CUDA: the weights are cast once at load; a CPU runs them "
         "slower than float32)",
+    )
+    runtime: RuntimeChoice = Field(
+        "auto",
+        description="what runs prediction batches: auto (on a CPU, ONNX Runtime for batches "
+        "where it is faster when the bundle has model.onnx, TorchScript for the rest and on "
+        "CUDA), torchscript, or onnx (every batch on ONNX Runtime; needs model.onnx and a CPU). "
+        "Explanations always take their gradients through TorchScript",
     )
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")

@@ -134,7 +134,7 @@ class Metrics:
         self.model_info = Gauge(
             f"{PREFIX}_model_info",
             "The served model (value is always 1)",
-            ["name", "version", "device", "dtype"],
+            ["name", "version", "device", "dtype", "runtime"],
             registry=r,
             multiprocess_mode="livemax",
         )

@@ -22,6 +22,7 @@ from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
 from service.pipeline import Predictor
 from service.runtime import ModelRuntime
+from service.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,12 @@ class Reloaded:
     seconds: float
 
 
-def model_labels(runtime: ModelRuntime) -> tuple[str, str, str, str]:
-    """The ``model_info`` labels of a runtime: name, version, device, dtype."""
+def model_labels(runtime: ModelRuntime, scheduler: Scheduler) -> tuple[str, ...]:
+    """The ``model_info`` labels of a runtime: name, version, device, dtype, and what runs its
+    batches under ``scheduler``."""
     card = runtime.card
-    return card.name, card.version, str(runtime.device), runtime.precision
+    where = scheduler.runtime(runtime.has_onnx)
+    return card.name, card.version, str(runtime.device), runtime.precision, where
 
 
 _requested_during_start = False
@@ -92,10 +95,12 @@ class Reloader:
         started = time.monotonic()
         s = self.settings
         try:
-            new = await asyncio.to_thread(ModelRuntime.load, s.bundle_dir, s.device, s.dtype)
+            new = await asyncio.to_thread(
+                ModelRuntime.load, s.bundle_dir, s.device, s.dtype, s.runtime
+            )
             if s.warmup:
-                how = self.predictor.batcher.scheduler.alone()
-                await asyncio.to_thread(new.warmup, (1, s.max_batch_size), how)
+                ways = self.predictor.batcher.scheduler.warm_ups()
+                await asyncio.to_thread(new.warmup, ways)
         except Exception as exc:  # a BundleError, or a model that fails on its warm-up
             self.metrics.reloads.labels("failed").inc()
             # A BundleError's message is the service's own (what is wrong with which file):
@@ -112,8 +117,9 @@ class Reloader:
             ) from exc
         old = self.predictor.runtime
         self.predictor.runtime = new  # from here on, new requests read with the new model
-        self.metrics.model_info.remove(*model_labels(old))
-        self.metrics.model_info.labels(*model_labels(new)).set(1)
+        scheduler = self.predictor.batcher.scheduler
+        self.metrics.model_info.remove(*model_labels(old, scheduler))
+        self.metrics.model_info.labels(*model_labels(new, scheduler)).set(1)
         self.metrics.reloads.labels("succeeded").inc()
         refreeze()
         seconds = time.monotonic() - started

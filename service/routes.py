@@ -164,7 +164,7 @@ async def info(predictor: PredictorDep, settings: SettingsDep) -> InfoResponse:
         cuda_memory=runtime.cuda_memory(),
         batching=BatchSettings.model_validate(settings, from_attributes=True),
         scheduler=SchedulerPolicy.model_validate(
-            predictor.batcher.scheduler.describe(runtime.can_fork)
+            predictor.batcher.scheduler.describe(runtime.can_fork, runtime.has_onnx)
         ),
         explanations=ExplainSettings.model_validate(settings, from_attributes=True),
     )

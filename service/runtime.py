@@ -10,7 +10,7 @@ import math
 import re
 import unicodedata
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,12 +187,15 @@ class IntegratedGradients:
 
 @dataclass(frozen=True)
 class Execution:
-    """How the scheduler asks one model call to run: on how many torch intra-op threads (None:
-    leave torch's setting as it is) and, on a CPU, through the bundle's ``forward_forked``
-    entry point (each GRU layer's two directions on two threads) where it has one."""
+    """How the scheduler asks one model call to run: on how many intra-op threads (None:
+    torch's setting as it is), on ONNX Runtime where the runtime has the bundle's
+    ``model.onnx``, else on TorchScript, and there, on a CPU, through the bundle's
+    ``forward_forked`` entry point (each GRU layer's two directions on two threads) where it
+    has one."""
 
     threads: int | None = None
     forked: bool = False
+    onnx: bool = False
 
 
 # A call from outside the scheduler (warm-up, benchmarks, tests): torch's threads, no fork.
@@ -216,6 +219,7 @@ class ModelRuntime:
         self.negative, self.positive = loaded.card.labels
         forked = getattr(loaded.model, bundle.FORKED_ENTRY_POINT, None)
         self._forked = forked if loaded.device.type == "cpu" else None
+        self.onnx = loaded.onnx
         self._piece_chars: float = PIECE_CHARS if _cuts_keep_tokens(loaded.tokenizer) else math.inf
 
     @classmethod
@@ -224,9 +228,10 @@ class ModelRuntime:
         folder: Path,
         device: str | torch.device = "auto",
         precision: bundle.PrecisionChoice = "float32",
+        runtime: bundle.RuntimeChoice = "torchscript",
     ) -> ModelRuntime:
         """``bundle.load`` (a ``BundleError`` for every way it can be unusable), wrapped."""
-        return cls(bundle.load(folder, device, precision))
+        return cls(bundle.load(folder, device, precision, runtime))
 
     # -- preprocess -------------------------------------------------------------------------
     def preprocess(self, texts: list[str]) -> list[Encoded]:
@@ -303,9 +308,12 @@ class ModelRuntime:
 
     # -- infer ------------------------------------------------------------------------------
     def infer(self, seqs: list[np.ndarray], how: Execution = UNSCHEDULED) -> np.ndarray:
-        """POSITIVE logits for one batch of token-id sequences, run as ``how`` says (forked
-        only where this model can fork: a bundle without the entry point, or CUDA, cannot)."""
+        """POSITIVE logits for one batch of token-id sequences, run as ``how`` says (on ONNX
+        Runtime only where this runtime loaded ``model.onnx``; forked only where this model
+        can fork: a bundle without the entry point, or CUDA, cannot)."""
         ids, lengths = bundle.pad(seqs)
+        if how.onnx and self.onnx is not None:
+            return self.onnx(ids.numpy(), lengths.numpy(), how.threads or torch.get_num_threads())
         _use_threads(how.threads)
         if self._pin:
             ids, lengths = ids.pin_memory(), lengths.pin_memory()
@@ -316,6 +324,11 @@ class ModelRuntime:
                 ids.to(self.device, non_blocking=True), lengths.to(self.device, non_blocking=True)
             )
         return logits.float().cpu().numpy()
+
+    @property
+    def has_onnx(self) -> bool:
+        """Whether batches can run on ONNX Runtime (the bundle's ``model.onnx`` was loaded)."""
+        return self.onnx is not None
 
     @property
     def can_fork(self) -> bool:
@@ -339,22 +352,18 @@ class ModelRuntime:
         }
 
     def warmup(
-        self, batch_sizes: tuple[int, ...] = (1, 8, 64), how: Execution = UNSCHEDULED
+        self, ways: Sequence[tuple[int, Execution]] = ((1, UNSCHEDULED), (64, UNSCHEDULED))
     ) -> None:
-        """Run the model on a few shapes on ``how.threads``, and a lone text as ``how`` says
-        (forked or not), so that the first requests do not pay for lazy set-up. torch's
-        inter-op threads, which run a fork's second direction, start at the first fork:
-        warming the fork up on torch's default threads rather than the batches' left every
-        lone review at half its rate (52-70 ms of model time against 22 ms)."""
+        """Run batches of each ``(size, how)`` of ``ways`` (short texts, then long ones), so
+        that the first requests do not pay for lazy set-up: an ONNX Runtime session per thread
+        count, torch's inter-op threads. Each must run as batches will (the scheduler's
+        ``warm_ups``): torch's inter-op threads, which run a fork's second direction, start at
+        the first fork, and warming the fork up on torch's default threads rather than the
+        batches' left every lone review at half its rate (52-70 ms of model time against 22)."""
         rng = np.random.default_rng(0)
         vocab = self.tokenizer.get_vocab_size()
-        batches = Execution(how.threads)
-        for size in batch_sizes:
-            for length in (16, self.truncation.max_length):
-                self.infer([rng.integers(2, vocab, size=length) for _ in range(size)], batches)
-        if self._forked is not None and how.forked:  # what a lone request runs
-            for _ in range(2):
-                self.infer([rng.integers(2, vocab, size=16)], how)
+        for (size, how), length in itertools.product(ways, (16, self.truncation.max_length)):
+            self.infer([rng.integers(2, vocab, size=length) for _ in range(size)], how)
 
     # -- postprocess ------------------------------------------------------------------------
     def postprocess(

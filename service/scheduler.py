@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from service.bundle import RuntimeChoice
 from service.runtime import Execution
 
 # On one thread a step of a batch costs about 3 texts' worth however few it holds:
@@ -89,10 +90,16 @@ class Policy:
     # The cost model's fixed cost of a step, in texts. None: CPU_STEP_TEXTS on a CPU, none on
     # CUDA (where a batch's size costs little); 0: none, batches as full as the bounds allow.
     step_texts: float | None = None
-    # A batch that has the CPU to itself computes the GRU's two directions on two threads.
+    # A batch that has the CPU to itself takes every thread: on TorchScript the GRU's two
+    # directions on two threads, on ONNX Runtime a session on all of them.
     fork: bool = True
     # The most of the workers' time explanations take while predictions wait.
     explain_share: float = 0.25
+    # Under SENTIMENT_RUNTIME=auto, batches of at most this many texts run on ONNX Runtime
+    # where the bundle has model.onnx, larger ones on TorchScript: on one thread ONNX Runtime
+    # reads one review 3-4x as fast as int8 TorchScript, 16 about as fast, 64 slower
+    # (docs/benchmarks.md, "ONNX Runtime"). 0: TorchScript only.
+    onnx_max_texts: int = 16
 
     def __post_init__(self) -> None:
         if not 0 < self.explain_share <= 1:
@@ -101,11 +108,19 @@ class Policy:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
         if self.step_texts is not None and self.step_texts < 0:
             raise ValueError(f"step_texts must be at least 0, got {self.step_texts}")
+        if self.onnx_max_texts < 0:
+            raise ValueError(f"onnx_max_texts must be at least 0, got {self.onnx_max_texts}")
 
     def resolve(
-        self, on_cpu: bool, torch_threads: int, max_batch_size: int, max_batch_tokens: int
+        self,
+        on_cpu: bool,
+        torch_threads: int,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        runtime: RuntimeChoice = "auto",
     ) -> Scheduler:
-        """The scheduler for a model on a CPU (``torch_threads`` intra-op threads) or CUDA."""
+        """The scheduler for a model on a CPU (``torch_threads`` intra-op threads) or CUDA,
+        under the ``runtime`` choice (``SENTIMENT_RUNTIME``)."""
         workers = self.workers or (torch_threads if on_cpu else 1)
         step_texts = self.step_texts
         if step_texts is None:
@@ -121,6 +136,13 @@ class Policy:
             explain_share=self.explain_share,
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
+            onnx_max_texts=(
+                0
+                if not on_cpu or runtime == "torchscript"
+                else max_batch_size
+                if runtime == "onnx"
+                else min(self.onnx_max_texts, max_batch_size)
+            ),
         )
 
 
@@ -139,6 +161,7 @@ class Scheduler:
         explain_share: float,
         max_batch_size: int,
         max_batch_tokens: int,
+        onnx_max_texts: int = 0,
     ) -> None:
         self.workers = workers
         self.threads = threads
@@ -147,6 +170,8 @@ class Scheduler:
         self.explain_share = explain_share
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        # Batches of at most this many texts run on ONNX Runtime (where the model has it).
+        self.onnx_max_texts = onnx_max_texts
         self._in_service = 0
         self._peak = 0  # the most texts in the service at once since the last batch began
         # Seconds of worker time explanations may take before the next prediction batch.
@@ -170,12 +195,33 @@ class Scheduler:
         is parsing and tokenising their next requests, and a fork there cost 15% at 16 clients
         (docs/benchmarks.md, "CPU levers")."""
         peak, self._peak = self._peak, self._in_service  # each batch starts a new count
-        alone = running == 0 and self.threads == 1 and peak <= texts
-        return Execution(self.threads, forked=self.fork and alone)
+        alone = self.fork and running == 0 and self.threads == 1 and peak <= texts
+        return self._on_the_cpu(texts) if alone else Execution(self.threads, onnx=self._onnx(texts))
 
     def alone(self) -> Execution:
-        """How a batch that has the machine to itself runs (what the warm-up runs)."""
-        return Execution(self.threads, forked=self.fork)
+        """How a lone text that has the machine to itself runs (what the warm-up runs)."""
+        return self._on_the_cpu(1) if self.fork else Execution(self.threads, onnx=self._onnx(1))
+
+    def warm_ups(self) -> list[tuple[int, Execution]]:
+        """Each way a batch can run, with a batch size that runs so: what the warm-up runs."""
+        ways = [(1, Execution(self.threads)), (self.max_batch_size, Execution(self.threads))]
+        if self.onnx_max_texts:
+            ways += [
+                (size, Execution(self.threads, onnx=True)) for size in (1, self.onnx_max_texts)
+            ]
+        if self.fork:
+            ways += [(1, self.alone()), (1, Execution(self.threads, forked=True))]
+        return list(dict.fromkeys(ways))
+
+    def _onnx(self, texts: int) -> bool:
+        return texts <= self.onnx_max_texts
+
+    def _on_the_cpu(self, texts: int) -> Execution:
+        """A batch that has every core: ONNX Runtime on all the workers' threads, or the
+        TorchScript model forked."""
+        if self._onnx(texts):
+            return Execution(self.workers * (self.threads or 1), onnx=True)
+        return Execution(self.threads, forked=True)
 
     def chunk(self) -> Execution:
         """How an explanation's chunk runs: on the worker's threads, never forked (the
@@ -212,9 +258,24 @@ class Scheduler:
         """No explanation waits: credit is not banked (debt is: it was taken from predictions)."""
         self._credit = min(self._credit, 0.0)
 
-    def describe(self, can_fork: bool) -> dict[str, Any]:
-        """What ``/info`` reports: the policy as resolved, for a model that can fork or not."""
+    def runtime(self, has_onnx: bool) -> str:
+        """What runs prediction batches, for a model that has ``model.onnx`` loaded or not:
+        ``torchscript``, ``onnxruntime``, or ``onnxruntime+torchscript`` (small batches on the
+        first, larger ones on the second)."""
+        if not has_onnx or self.onnx_max_texts == 0:
+            return "torchscript"
+        return (
+            "onnxruntime"
+            if self.onnx_max_texts >= self.max_batch_size
+            else "onnxruntime+torchscript"
+        )
+
+    def describe(self, can_fork: bool, has_onnx: bool) -> dict[str, Any]:
+        """What ``/info`` reports: the policy as resolved, for a model that can fork or not and
+        that has ``model.onnx`` loaded or not."""
         return {
+            "runtime": self.runtime(has_onnx),
+            "onnx_max_texts": self.onnx_max_texts if has_onnx else 0,
             "inference_workers": self.workers,
             "threads_per_batch": self.threads,
             "batch_step_texts": self.cost.step_texts if self.cost else 0.0,

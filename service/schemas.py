@@ -226,6 +226,15 @@ class BatchSettings(BaseModel):
 class SchedulerPolicy(BaseModel):
     """How batches run, as the scheduler resolved it for the device (service.scheduler)."""
 
+    runtime: str = Field(
+        description="what runs prediction batches: torchscript, onnxruntime, or "
+        "onnxruntime+torchscript (batches of at most onnx_max_texts texts on ONNX Runtime, "
+        "larger ones on TorchScript); SENTIMENT_RUNTIME"
+    )
+    onnx_max_texts: int = Field(
+        description="the largest batch ONNX Runtime runs (0: none; it needs model.onnx)"
+    )
+
     inference_workers: int = Field(description="batches the model runs side by side")
     threads_per_batch: int | None = Field(
         description="torch intra-op threads each batch runs on (null on CUDA: torch's own)"

@@ -257,7 +257,7 @@ def test_health_ready_info_and_docs(server: RunningServer, trained_bundle: Path)
     # scheduler the default policy makes here.
     threads = torch.get_num_threads()
     scheduler = Policy().resolve(True, threads, 64, info["batching"]["max_batch_tokens"])
-    assert info["scheduler"] == scheduler.describe(can_fork=True)
+    assert info["scheduler"] == scheduler.describe(can_fork=True, has_onnx=True)
     assert info["scheduler"]["inference_workers"] == threads  # batches side by side
     assert info["scheduler"]["batch_step_texts"] == CPU_STEP_TEXTS
     assert httpx.get(f"{server.url}/docs").status_code == 200
@@ -348,7 +348,9 @@ def test_metrics_parse_and_cover_the_service(server: RunningServer):
     assert all(n.startswith("sentiment_") for n in families)
     assert metric(server, "sentiment_requests_total", route="/predict", status="422") >= 1
     assert metric(server, "sentiment_failures_total", route="/predict", reason="validation") >= 1
-    assert metric(server, "sentiment_model_info", name="tiny", device="cpu", dtype="float32") == 1
+    runtime = Policy().resolve(True, 2, 64, 32_768).runtime(has_onnx=True)
+    labels = {"name": "tiny", "device": "cpu", "dtype": "float32", "runtime": runtime}
+    assert metric(server, "sentiment_model_info", **labels) == 1
     # The CUDA memory family exists on every service; only one on CUDA has samples.
     assert "sentiment_cuda_memory_bytes" in families
     assert not families["sentiment_cuda_memory_bytes"].samples

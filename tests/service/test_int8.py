@@ -42,7 +42,9 @@ def expected(runtime: ModelRuntime) -> list[float]:
 def test_the_precision_served_is_the_one_info_names(quantized_bundle: Path, dtype: str):
     served = "float32" if dtype == "float32" else "int8"
     runtime = ModelRuntime.load(quantized_bundle, "cpu", served)  # type: ignore[arg-type]
-    with serve(quantized_bundle, dtype=dtype) as server:
+    # On TorchScript alone: by default a batch this small would run on model.onnx (float32;
+    # tests/service/test_onnx.py), larger ones in the dtype named here.
+    with serve(quantized_bundle, dtype=dtype, runtime="torchscript") as server:
         info = httpx.get(f"{server.url}/info").json()
         assert info["dtype"] == served
         assert info["model"]["int8"]["metrics"]["test"]["n"] > 0  # the variant's own figures
@@ -52,7 +54,7 @@ def test_the_precision_served_is_the_one_info_names(quantized_bundle: Path, dtyp
 def test_an_int8_service_explains_with_model_pt_and_predicts_with_int8(quantized_bundle: Path):
     float32 = ModelRuntime.load(quantized_bundle, "cpu", "float32")
     text = TEXTS[0]
-    with serve(quantized_bundle) as server:
+    with serve(quantized_bundle, runtime="torchscript") as server:
         response = httpx.post(f"{server.url}/explain", json={"inputs": text}, timeout=60)
         assert response.status_code == 200
         (answer,) = TypeAdapter(ExplainResponse).validate_python(response.json())

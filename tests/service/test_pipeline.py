@@ -45,10 +45,14 @@ class SlowTokenizer(ModelRuntime):
 
 
 def _batcher(runtime: ModelRuntime) -> DynamicBatcher:
-    """A batcher on the default policy for a 2-core CPU: two workers of one thread each, a
-    lone batch forked."""
+    """A batcher on the default policy for a 2-core CPU, for a runtime on TorchScript alone (as
+    these tests load it): two workers of one thread each, a lone batch forked."""
     scheduler = Policy().resolve(
-        on_cpu=True, torch_threads=2, max_batch_size=64, max_batch_tokens=32_768
+        on_cpu=True,
+        torch_threads=2,
+        max_batch_size=64,
+        max_batch_tokens=32_768,
+        runtime="torchscript",
     )
     return DynamicBatcher(runtime.infer, scheduler, max_wait_s=0)
 

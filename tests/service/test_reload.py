@@ -24,8 +24,10 @@ TEXTS = ["a great and moving film", "dull, a waste of time"]
 
 
 def flipped_copy(bundle: Path, folder: Path, version: str) -> Path:
-    """``bundle`` with its head negated (the opposite scores) and ``version`` in its card."""
+    """``bundle`` with its head negated (the opposite scores) and ``version`` in its card, without
+    the ONNX graph of the old weights (which the service would refuse as stale)."""
     shutil.copytree(bundle, folder)
+    (folder / "model.onnx").unlink()
     model = torch.jit.load(str(folder / "model.pt"))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -34,6 +36,7 @@ def flipped_copy(bundle: Path, folder: Path, version: str) -> Path:
     torch.jit.save(model, str(folder / "model.pt"))
     card = json.loads((folder / "card.json").read_text())
     card["version"] = version
+    card.pop("onnx")
     (folder / "card.json").write_text(json.dumps(card))
     return folder
 

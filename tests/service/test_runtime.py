@@ -105,12 +105,12 @@ def test_the_warm_up_runs_on_the_threads_and_entry_point_batches_will_use(
     before = torch.get_num_threads()
     try:
         with torch.profiler.profile() as profile:
-            runtime.warmup((1,), Execution(1, forked=True))
+            runtime.warmup([(1, Execution(1, forked=True))])
         assert torch.get_num_threads() == 1
         assert "<forked function>" in {event.name for event in profile.events()}
         torch.set_num_threads(2)
         with torch.profiler.profile() as profile:
-            runtime.warmup((1,), Execution(1))  # a policy without the fork warms no fork
+            runtime.warmup([(1, Execution(1))])  # a policy without the fork warms no fork
         assert "<forked function>" not in {event.name for event in profile.events()}
     finally:
         torch.set_num_threads(before)

@@ -4,12 +4,14 @@ each batch and chunk is handed (threads, fork), the cuts, the explanations' shar
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import numpy as np
 import pytest
 
 from service import batcher as batcher_module
+from service.bundle import RuntimeChoice
 from service.runtime import Execution
 from service.scheduler import (
     CPU_STEP_TEXTS,
@@ -22,25 +24,59 @@ from service.scheduler import (
 from tests.service.test_batcher import ChunkedJob, RecordingModel, TimelineModel, make, seq
 
 
-def cpu_scheduler(policy: Policy | None = None) -> Scheduler:
-    """What a policy (default: the measured one) resolves to on a 2-core CPU."""
+def cpu_scheduler(
+    policy: Policy | None = None, runtime: RuntimeChoice = "torchscript"
+) -> Scheduler:
+    """What a policy (default: the measured one) resolves to on a 2-core CPU (default: for
+    TorchScript, where the fork decides)."""
     return (policy or Policy()).resolve(
-        on_cpu=True, torch_threads=2, max_batch_size=64, max_batch_tokens=32_768
+        on_cpu=True, torch_threads=2, max_batch_size=64, max_batch_tokens=32_768, runtime=runtime
     )
 
 
 # -- resolving the policy for a device ------------------------------------------------------------
 def test_the_default_policy_on_a_cpu_runs_a_worker_per_thread_with_the_cost_model_and_fork():
     """If this fails, the CPU service lost a measured lever (docs/benchmarks.md, "CPU levers")."""
-    scheduler = cpu_scheduler()
-    assert scheduler.describe(can_fork=True) == {
+    scheduler = cpu_scheduler(runtime="auto")
+    onnx_max_texts = Policy().onnx_max_texts
+    assert scheduler.describe(can_fork=True, has_onnx=True) == {
+        "runtime": "onnxruntime" if onnx_max_texts >= 64 else "onnxruntime+torchscript",
+        "onnx_max_texts": onnx_max_texts,
         "inference_workers": 2,
         "threads_per_batch": 1,
         "batch_step_texts": CPU_STEP_TEXTS,
         "fork_directions": True,
         "explain_share": 0.25,
     }
-    assert scheduler.describe(can_fork=False)["fork_directions"] is False  # an older bundle
+    assert scheduler.describe(can_fork=False, has_onnx=True)["fork_directions"] is False
+    without = scheduler.describe(can_fork=True, has_onnx=False)  # a bundle without model.onnx
+    assert (without["runtime"], without["onnx_max_texts"]) == ("torchscript", 0)
+
+
+def test_the_runtime_choice_decides_which_batches_run_on_onnx_runtime():
+    """If this fails, SENTIMENT_RUNTIME no longer reaches the batches: onnx would leave some
+    batches on TorchScript, torchscript would send some to ONNX Runtime, or CUDA would."""
+    auto = cpu_scheduler(runtime="auto")
+    most = Policy().onnx_max_texts
+    assert auto.batch(texts=most, running=1) == Execution(1, forked=False, onnx=True)
+    if most < 64:
+        assert auto.batch(texts=most + 1, running=1) == Execution(1, forked=False, onnx=False)
+    # A batch that has the CPU to itself: ONNX Runtime on both threads, or TorchScript forked.
+    assert auto.batch(texts=1, running=0) == Execution(2, onnx=True)
+    assert auto.alone() == Execution(2, onnx=True)
+    with auto.in_service(most + 1):
+        assert auto.batch(texts=most + 1, running=0) == Execution(1, forked=True)
+    everything = cpu_scheduler(runtime="onnx")
+    assert everything.batch(texts=64, running=0).onnx is True
+    assert everything.runtime(has_onnx=True) == "onnxruntime"
+    script = cpu_scheduler(runtime="torchscript")
+    assert not any(script.batch(texts=n, running=0).onnx for n in (1, 8, 64))
+    assert script.runtime(has_onnx=True) == "torchscript"
+    mixed = cpu_scheduler(Policy(onnx_max_texts=8), runtime="auto")
+    assert [mixed.batch(texts=n, running=1).onnx for n in (8, 9)] == [True, False]
+    assert mixed.runtime(has_onnx=True) == "onnxruntime+torchscript"
+    cuda = Policy().resolve(False, 16, 64, 32_768, runtime="onnx")  # the bundle load refuses it
+    assert cuda.batch(texts=1, running=0).onnx is False
 
 
 def test_on_cuda_one_worker_leaves_threads_alone_and_neither_cuts_by_cost_nor_forks():
@@ -200,3 +236,18 @@ def test_credit_is_earned_by_batches_spent_by_contended_chunks_and_not_banked():
     scheduler.batch_ran(1.0)
     scheduler.jobs_done()  # no job waits: the credit is dropped
     assert not scheduler.jobs_turn(predictions_busy=True)
+
+
+def test_the_warm_up_covers_every_way_a_batch_can_run():
+    """If this fails, a first request pays for lazy set-up (an ONNX Runtime session for a thread
+    count, torch's inter-op threads for the fork) that the warm-up skipped."""
+    auto = cpu_scheduler(runtime="auto")
+    ways = auto.warm_ups()
+    seen = set()
+    for texts, running in itertools.product((1, 8, 16, 17, 64), (0, 1)):
+        with auto.in_service(texts):
+            seen.add(auto.batch(texts=texts, running=running))
+    assert len(seen) == 4  # alone or not, on ONNX Runtime or TorchScript
+    assert seen <= {how for _, how in ways}
+    assert max(size for size, how in ways if how.onnx) == auto.onnx_max_texts
+    assert (64, Execution(1)) in ways
