@@ -187,11 +187,13 @@ class Scheduler:
         return least_cost_cuts(spans, lengths, self.cost) if self.cost else full_cuts(spans)
 
     def batch(self, texts: int, running: int) -> Execution:
-        """How a batch of ``texts`` launched while ``running`` batches or chunks run is to run.
+        """How a batch of ``texts`` launched while ``running`` batches or chunks run is to run:
+        on ONNX Runtime if it holds at most ``onnx_max_texts`` texts, else on TorchScript.
 
-        It forks when it is all the work there has been: nothing else runs, it runs on one
-        thread, and since the last batch began the service held no more texts than this
-        batch. The second core is idle only then: under a closed loop of even a few clients it
+        It takes every core (ONNX Runtime on all threads, or TorchScript forked) when it is all
+        the work there has been: nothing else runs, it runs on one thread, and since the last
+        batch began the service held no more texts than this batch. The second core is idle
+        only then: under a closed loop of even a few clients it
         is parsing and tokenising their next requests, and a fork there cost 15% at 16 clients
         (docs/benchmarks.md, "CPU levers")."""
         peak, self._peak = self._peak, self._in_service  # each batch starts a new count
