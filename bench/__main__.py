@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="where results and plots go")
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench"))
     parser.add_argument(
-        "--peers", default="litserve,torchserve", help="comma-separated; empty for none"
+        "--peers",
+        default="litserve,torchserve,litserve-onnx,torchserve-onnx",
+        help="comma-separated; empty for none. A '-onnx' peer runs the bundle's model.onnx in "
+        "ONNX Runtime (skipped where the bundle has none or on CUDA), the others TorchScript",
     )
     parser.add_argument("--torch-pip-args", default="", help="extra pip arguments for torch")
     parser.add_argument(

@@ -9,6 +9,7 @@ and the CPU levers measured the same way (threads, length grouping, int8 dynamic
     python -m bench.limit models/imdb-bigru --dtype int8 --threads 1 --batch-sizes 1 --short
     python -m bench.limit models/imdb-bigru --device cuda --batch-sizes 64,512 --cudnn-layout-lever
     python -m bench.limit models/imdb-bigru --dtype int8 --threads 1 --batch-sizes 64 --cost-model
+    python -m bench.limit models/imdb-bigru --threads 1 --batch-sizes 1,8,64 --runtime-lever
 
 Reviews keep their real length spread (tokenised and cut by the bundle's own rules). Two orders
 are timed per batch size: ``random`` (batches as requests arrive) and ``grouped`` (reviews
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -90,16 +92,34 @@ def throughput(
 
 
 def sweep(
-    runtime: ModelRuntime, seqs: list[np.ndarray], batch_sizes: list[int], min_seconds: float
+    runtime: ModelRuntime,
+    seqs: list[np.ndarray],
+    batch_sizes: list[int],
+    min_seconds: float,
+    model: Model | None = None,
 ) -> list[dict[str, Any]]:
+    """Reviews/s per batch size in both orders, of ``model`` (default: the runtime's)."""
     rows = []
     for batch_size in batch_sizes:
         for order in ("random", "grouped"):
             ordered = seqs if order == "random" else sorted(seqs, key=len)
-            rate = throughput(runtime, ordered, batch_size, min_seconds)
+            rate = throughput(runtime, ordered, batch_size, min_seconds, model)
             rows.append({"batch_size": batch_size, "order": order, "reviews_per_s": round(rate, 1)})
             print(f"  limit  batch {batch_size:>4}  {order:<8} {rate:9.1f} reviews/s", flush=True)
     return rows
+
+
+def onnx_forward(
+    runtime: ModelRuntime, path: Path | None = None, level: str = "all"
+) -> Model | None:
+    """The bundle's model.onnx (or ``path``) in ONNX Runtime as a ``forward`` on torch's thread
+    count; None on CUDA or without the file."""
+    path = path or runtime.bundle.folder / bundle.ONNX_FILE
+    if runtime.device.type != "cpu" or not path.is_file():
+        return None
+    onnx = bundle.OnnxModel(path, level)
+    threads = torch.get_num_threads()
+    return lambda ids, lengths: torch.from_numpy(onnx(ids.numpy(), lengths.numpy(), threads))
 
 
 def thread_lever(
@@ -200,6 +220,68 @@ def int8_lever(
         f"int8 {accuracy['int8']:.4f}"
     )
     return {"reviews": len(seqs), "accuracy": accuracy, "throughput": rows}
+
+
+def runtime_lever(
+    runtime: ModelRuntime,
+    seqs: list[np.ndarray],
+    labels: np.ndarray | None,
+    batch_sizes: list[int],
+    min_seconds: float,
+) -> dict[str, Any]:
+    """What runs the model on a CPU, on the calling thread's torch threads: model.pt and the
+    int8 variant in TorchScript, the bundle's model.onnx in ONNX Runtime at each graph
+    optimisation level, and ONNX Runtime's own dynamic int8 quantisation of it. Speed per batch
+    size (arrival order) and accuracy on the same reviews (where they are labelled)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder = runtime.bundle.folder
+    if onnx_forward(runtime) is None:
+        raise SystemExit(f"{folder} has no {bundle.ONNX_FILE}: python -m training migrate {folder}")
+    threads = torch.get_num_threads()
+
+    def onnx_model(path: Path, level: str) -> Model:
+        found = onnx_forward(runtime, path, level)
+        assert found is not None
+        return found
+
+    models: dict[str, Model] = {"torchscript float32": runtime.differentiable}
+    if runtime.card.int8 is not None:
+        models["torchscript int8"] = bundle.load(folder, "cpu", "int8").model
+    for level in ("basic", "extended", "all"):
+        models[f"onnxruntime float32 ({level})"] = onnx_model(folder / bundle.ONNX_FILE, level)
+    with tempfile.TemporaryDirectory() as tmp:
+        quantised = Path(tmp) / "model.int8.onnx"
+        quantize_dynamic(folder / bundle.ONNX_FILE, quantised, weight_type=QuantType.QInt8)
+        models["onnxruntime int8 (all)"] = onnx_model(quantised, "all")
+    cpu = torch.device("cpu")
+    accuracy = {}
+    if labels is not None:
+        for name, model in models.items():
+            logits = predict_logits(model, seqs, runtime.truncation, 64, cpu, name)
+            accuracy[name] = float(((logits >= 0) == labels).mean())
+            print(f"\n  accuracy  {name:<30} {accuracy[name]:.4f}")
+    rows = []
+    # Both orders: batches as requests arrive, and of similar lengths (as the batcher cuts a
+    # round sorted by length).
+    for batch_size, order in itertools.product(batch_sizes, ("random", "grouped")):
+        ordered = seqs if order == "random" else sorted(seqs, key=len)
+        for name, model in models.items():
+            rate = throughput(runtime, ordered, batch_size, min_seconds, model, cpu)
+            rows.append(
+                {
+                    "model": name,
+                    "batch_size": batch_size,
+                    "order": order,
+                    "reviews_per_s": round(rate, 1),
+                }
+            )
+            print(
+                f"  {name:<30} batch {batch_size:>4} {order:<8} {rate:8.1f} reviews/s", flush=True
+            )
+    return {"threads": threads, "accuracy": accuracy, "throughput": rows}
 
 
 def cudnn_layout_lever(
@@ -362,16 +444,23 @@ def main(argv: list[str] | None = None) -> None:
         help="also fit the batcher's cost model (SENTIMENT_BATCH_STEP_TEXTS) to batches of equal "
         "lengths up to the largest batch size; run with --threads 1 for a CPU worker's view",
     )
+    parser.add_argument(
+        "--runtime-lever",
+        action="store_true",
+        help="also time each batch size (and score the reviews) on TorchScript float32 and "
+        "int8, ONNX Runtime float32 at each graph optimisation level and ONNX Runtime int8",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     runtime = ModelRuntime.load(args.bundle, args.device, args.dtype)
     on_gpu = runtime.device.type == "cuda"
+    labels = None
     if args.short:
         texts = short_reviews(load_imdb(args.data, args.cache_dir)["test"].texts)
     else:
-        texts, _ = load_reviews(args.data, args.reviews, seed=0, cache_dir=args.cache_dir)
+        texts, labels = load_reviews(args.data, args.reviews, seed=0, cache_dir=args.cache_dir)
     seqs = [e.ids for e in runtime.preprocess(texts)]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     rows = sweep(runtime, seqs, batch_sizes, args.min_seconds)
@@ -405,6 +494,11 @@ def main(argv: list[str] | None = None) -> None:
         "cost_model": (
             cost_model(runtime, seqs, batch_sizes, min(args.min_seconds, 1.0))
             if args.cost_model
+            else None
+        ),
+        "runtimes": (
+            runtime_lever(runtime, seqs, labels, batch_sizes, args.min_seconds)
+            if args.runtime_lever
             else None
         ),
     }

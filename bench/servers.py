@@ -25,12 +25,12 @@ import httpx
 import torch
 import yaml
 
-from service.bundle import CARD_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
+from service.bundle import CARD_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE, TOKENIZER_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PEERS = Path(__file__).with_name("peers")
 # What the peer server needs, and what ``service.runtime`` (bundle reading included) needs.
-RUNTIME_PACKAGES = ["numpy", "tokenizers", "pydantic"]
+RUNTIME_PACKAGES = ["numpy", "tokenizers", "pydantic", "onnxruntime"]
 PEER_PACKAGES = {
     "litserve": ["litserve", *RUNTIME_PACKAGES],
     "torchserve": ["torchserve", "torch-model-archiver", *RUNTIME_PACKAGES],
@@ -216,11 +216,16 @@ def peer_python(venv_root: Path, peer: str, torch_pip_args: list[str]) -> Path:
 
 
 def _peer_env(
-    bundle: Path, threads: int | None, device: str, dtype: str, workers: int = 1
+    bundle: Path,
+    threads: int | None,
+    device: str,
+    dtype: str,
+    workers: int = 1,
+    runtime: str = "torchscript",
 ) -> dict[str, str]:
     env = {"BENCH_REPO_ROOT": str(REPO_ROOT), "BENCH_BUNDLE": str(bundle.resolve())}
     env["BENCH_WORKERS"] = str(workers)
-    env |= {"BENCH_DEVICE": device, "BENCH_DTYPE": dtype}
+    env |= {"BENCH_DEVICE": device, "BENCH_DTYPE": dtype, "BENCH_RUNTIME": runtime}
     if threads:
         env["BENCH_TORCH_THREADS"] = str(threads)
     return env
@@ -238,13 +243,15 @@ def litserve(
     device: str = "cpu",
     dtype: str = "float32",
     workers: int = 1,
+    runtime: str = "torchscript",
 ) -> Iterator[Server]:
-    """LitServe with ``workers`` inference processes (``workers_per_device``)."""
+    """LitServe with ``workers`` inference processes (``workers_per_device``), running the
+    model on ``runtime`` (torchscript or onnx)."""
     port = free_port()
     script = str(PEERS / "litserve_server.py")
     command = [str(python.absolute()), script, str(port), str(max_batch_size), str(wait_s)]
     url = f"http://127.0.0.1:{port}/predict"
-    env = _peer_env(bundle, threads, device, dtype, workers)
+    env = _peer_env(bundle, threads, device, dtype, workers, runtime)
     with _serve("litserve", command, url, env, workdir, probe) as server:
         yield server
 
@@ -261,8 +268,10 @@ def torchserve(
     device: str = "cpu",
     dtype: str = "float32",
     workers: int = 1,
+    runtime: str = "torchscript",
 ) -> Iterator[Server]:
-    """TorchServe with ``workers`` Python backend workers for the model."""
+    """TorchServe with ``workers`` Python backend workers for the model, running it on
+    ``runtime`` (torchscript or onnx)."""
     # Absolute paths: TorchServe runs in workdir. (absolute(), not resolve(): the venv's python
     # is a symlink that must stay inside the venv.)
     bin_dir, workdir, bundle = python.absolute().parent, workdir.absolute(), bundle.absolute()
@@ -272,8 +281,11 @@ def torchserve(
         f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {max_batch_size}\n"
         f"maxBatchDelay: {wait_ms}\nresponseTimeout: 120\n"
     )
-    # The archive's folder is the bundle again: the int8 variant travels with it, if made.
-    extras = [f for f in (TOKENIZER_FILE, CARD_FILE, INT8_FILE) if (bundle / f).is_file()]
+    # The archive's folder is the bundle again: the int8 variant and the ONNX graph travel with
+    # it, if made.
+    extras = [
+        f for f in (TOKENIZER_FILE, CARD_FILE, INT8_FILE, ONNX_FILE) if (bundle / f).is_file()
+    ]
     subprocess.run(
         [
             str(bin_dir / "torch-model-archiver"),
@@ -311,7 +323,7 @@ def torchserve(
         "--disable-token-auth",
     ]
     env = {
-        **_peer_env(bundle, threads, device, dtype, workers),
+        **_peer_env(bundle, threads, device, dtype, workers, runtime),
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
     }
     url = f"http://127.0.0.1:{port}/predictions/sentiment"

@@ -22,7 +22,7 @@ import torch
 from bench import limit, report, servers
 from bench.loadgen import LoadResult, run_wrk
 from bench.workload import Workload, build
-from service.bundle import PrecisionChoice
+from service.bundle import ONNX_FILE, PrecisionChoice
 from service.runtime import ModelRuntime
 
 
@@ -68,7 +68,7 @@ class Options:
     workdir: Path
     plan: Plan
     cache_dir: Path = Path(".cache")  # where the IMDb data is read and cached
-    peers: tuple[str, ...] = ("litserve", "torchserve")
+    peers: tuple[str, ...] = ("litserve", "torchserve", "litserve-onnx", "torchserve-onnx")
     torch_pip_args: list[str] = field(default_factory=list)
     peer_pythons: dict[str, Path] = field(default_factory=dict)  # instead of their venvs
     peer_max_wait_ms: float = 2.0  # their batch timeout; ours runs with its own default
@@ -133,20 +133,43 @@ def _peers(
     configs: list[tuple[str, ServerFactory]] = []
     versions = {}
     for peer in options.peers:
-        python = options.peer_pythons.get(peer) or servers.peer_python(
-            wd / "venvs", peer, options.torch_pip_args
+        # "<peer>-onnx": the same server running the bundle's model.onnx in ONNX Runtime.
+        server, onnx = peer.removesuffix("-onnx"), peer.endswith("-onnx")
+        if onnx and (options.device != "cpu" or not (bundle / ONNX_FILE).is_file()):
+            continue
+        python = options.peer_pythons.get(server) or servers.peer_python(
+            wd / "venvs", server, options.torch_pip_args
         )
-        versions[peer] = servers.describe_peer(python, peer)
+        versions[peer] = servers.describe_peer(python, server) + (" on onnxruntime" if onnx else "")
         folder = wd / peer
-        if peer == "litserve":
+        runtime = "onnx" if onnx else "torchscript"
+        if server == "litserve":
             wait_s = options.peer_max_wait_ms / 1000
             factory = partial(
-                servers.litserve, python, bundle, folder, probe, batch, wait_s, threads, **on
+                servers.litserve,
+                python,
+                bundle,
+                folder,
+                probe,
+                batch,
+                wait_s,
+                threads,
+                **on,
+                runtime=runtime,
             )
         else:
             wait_ms = round(options.peer_max_wait_ms)
             factory = partial(
-                servers.torchserve, python, bundle, folder, probe, batch, wait_ms, threads, **on
+                servers.torchserve,
+                python,
+                bundle,
+                folder,
+                probe,
+                batch,
+                wait_ms,
+                threads,
+                **on,
+                runtime=runtime,
             )
         configs.append((peer, factory))
     return configs, versions
@@ -211,6 +234,12 @@ def run(options: Options) -> dict[str, Any]:
 
     print(f"limit: in-process TorchScript on {runtime.device}, no HTTP", flush=True)
     results["limit"] = limit.sweep(runtime, seqs, list(plan.limit_batch_sizes), plan.limit_seconds)
+    onnx = limit.onnx_forward(runtime)
+    if onnx is not None:
+        print("limit: in-process ONNX Runtime (model.onnx), no HTTP", flush=True)
+        results["limit_onnx"] = limit.sweep(
+            runtime, seqs, list(plan.limit_batch_sizes), plan.limit_seconds, onnx
+        )
     results["limit_cuda_memory"] = runtime.cuda_memory()  # peak: the largest batch's footprint
     if plan.cpu_levers:
         print("lever: torch threads", flush=True)

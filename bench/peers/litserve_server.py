@@ -1,6 +1,9 @@
 """LitServe serving our bundle with its own dynamic batching (run by ``bench.servers``).
 
 BENCH_BUNDLE=models/imdb-bigru python bench/peers/litserve_server.py PORT MAX_BATCH WAIT_S
+
+BENCH_RUNTIME=onnx runs every batch on the bundle's model.onnx in ONNX Runtime instead of
+TorchScript (``service.runtime``'s ONNX path, on the torch thread count it is given).
 """
 
 # No `from __future__ import annotations`: LitServe reads decode_request's annotation at run
@@ -14,19 +17,22 @@ import litserve as ls
 import torch
 
 sys.path.insert(0, os.environ["BENCH_REPO_ROOT"])
-from service.runtime import Encoded, ModelRuntime
+from service.runtime import Encoded, Execution, ModelRuntime
 
 
 class SentimentAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         if os.environ.get("BENCH_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
+        runtime = os.environ.get("BENCH_RUNTIME", "torchscript")
         self.runtime = ModelRuntime.load(
             Path(os.environ["BENCH_BUNDLE"]),
             os.environ.get("BENCH_DEVICE", "cpu"),
             os.environ.get("BENCH_DTYPE", "float32"),  # type: ignore[arg-type]
+            runtime,  # type: ignore[arg-type]
         )
-        self.runtime.warmup()
+        self.how = Execution(onnx=runtime == "onnx")
+        self.runtime.warmup([(1, self.how), (64, self.how)])
 
     def decode_request(self, request: dict[str, Any]) -> Encoded:
         return self.runtime.preprocess([request["inputs"]])[0]
@@ -35,7 +41,7 @@ class SentimentAPI(ls.LitAPI):
         return inputs
 
     def predict(self, encoded: list[Encoded]) -> list[tuple[float, int]]:
-        logits = self.runtime.infer([e.ids for e in encoded])
+        logits = self.runtime.infer([e.ids for e in encoded], self.how)
         # The token count travels with the logit: calibration has a temperature per length.
         return [(float(z), e.original_tokens) for z, e in zip(logits, encoded, strict=True)]
 
