@@ -355,16 +355,7 @@ def load_onnx(
             f"the ONNX runtime runs on a CPU here (onnxruntime's CPU provider); on {device} "
             "serve TorchScript (runtime auto or torchscript)"
         )
-    if card.onnx is None or not path.is_file():
-        raise BundleError(
-            f"{folder} has no ONNX model (card section onnx and {ONNX_FILE}); add one with "
-            f"`python -m training migrate {folder}`"
-        )
-    if sha256(folder / MODEL_FILE) != card.onnx.source_sha256:
-        raise BundleError(
-            f"{path} was made from another {MODEL_FILE} than the one in {folder}; make it "
-            f"again with `python -m training migrate {folder}`"
-        )
+    _check_made_from_model_pt(folder, card.onnx, ONNX_FILE, "ONNX model", "migrate")
     try:
         return OnnxModel(path)
     except BundleError:
@@ -542,18 +533,31 @@ def flatten_rnn_weights(model: torch.jit.ScriptModule) -> int:
     return flattened
 
 
+def _check_made_from_model_pt(
+    folder: Path,
+    variant: Int8Variant | OnnxVariant | None,
+    name: str,
+    what: str,
+    command: str,
+) -> None:
+    """An optional file made from ``model.pt`` is there with its card section, and was made
+    from the ``model.pt`` beside it; otherwise a ``BundleError`` naming the command that
+    makes it."""
+    if variant is None or not (folder / name).is_file():
+        raise BundleError(
+            f"{folder} has no {what} (its card section and {name}); make one with "
+            f"`python -m training {command} {folder}`"
+        )
+    if sha256(folder / MODEL_FILE) != variant.source_sha256:
+        raise BundleError(
+            f"{folder / name} was made from another {MODEL_FILE} than the one in {folder}; "
+            f"make it again with `python -m training {command} {folder}`"
+        )
+
+
 def _load_int8(folder: Path, card: Card, device: torch.device) -> torch.jit.ScriptModule:
     path = folder / INT8_FILE
-    if card.int8 is None or not path.is_file():
-        raise BundleError(
-            f"{folder} has no int8 variant (card section int8 and {INT8_FILE}); make one with "
-            f"`python -m training quantize {folder}`"
-        )
-    if sha256(folder / MODEL_FILE) != card.int8.source_sha256:
-        raise BundleError(
-            f"{path} was made from another {MODEL_FILE} than the one in {folder}; make it "
-            f"again with `python -m training quantize {folder}`"
-        )
+    _check_made_from_model_pt(folder, card.int8, INT8_FILE, "int8 variant", "quantize")
     try:
         model = torch.jit.load(str(path), map_location=device).eval()
     except Exception as exc:
