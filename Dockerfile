@@ -50,12 +50,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SENTIMENT_HOST=0.0.0.0 \
     SENTIMENT_PORT=8000 \
+    SENTIMENT_GRPC_PORT=8001 \
     SENTIMENT_MODEL_DIR=/app/models
 COPY --from=builder /opt/venv /opt/venv
 COPY models /app/models
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP (REST, the page, /metrics); 8001: the Open Inference Protocol over gRPC
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
 CMD ["python", "-m", "service"]

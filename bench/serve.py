@@ -40,7 +40,7 @@ def policy_from(argv: Sequence[str] | None = None) -> Policy:
 def main(argv: Sequence[str] | None = None) -> int:
     from service.__main__ import main as serve
 
-    return serve(policy_from(argv))
+    return serve([], policy_from(argv))
 
 
 if __name__ == "__main__":

@@ -172,6 +172,10 @@ def ours(
         "SENTIMENT_AUTO_TRUNCATE": "true",  # real reviews run past max_length
         "SENTIMENT_MAX_BATCH_SIZE": str(max_batch_size),
     }
+    # The benchmarks speak HTTP: a gRPC port held elsewhere must not stop a sitting (an older
+    # checkout, compared against, has no such setting and refuses the variable).
+    if "grpc_port" in ((source or REPO_ROOT) / "service" / "config.py").read_text():
+        env["SENTIMENT_GRPC_PORT"] = "-1"
     if threads:
         env["SENTIMENT_TORCH_THREADS"] = str(threads)
     if source is not None:

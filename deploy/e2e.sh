@@ -16,7 +16,8 @@
 #
 # Run as root. Environment: TORCH_WHEEL_DIR (default /opt/wheels: a torch wheel there is used
 # instead of a download), CA_BUNDLE (default /etc/ssl/certs/ca-certificates.crt), API_PORT,
-# PROMETHEUS_PORT, MIRROR (Debian mirror for debootstrap).
+# GRPC_PORT, PROMETHEUS_PORT, MIRROR (Debian mirror for debootstrap), CLIENT_PYTHON (a Python
+# with tritonclient and numpy; default .venv/bin/python, from make install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=deploy/dockerd.sh
@@ -25,7 +26,7 @@ cd "$(dirname "$0")/.."
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 TORCH_WHEEL_DIR=${TORCH_WHEEL_DIR:-/opt/wheels}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
-export API_PORT=${API_PORT:-18000} PROMETHEUS_PORT=${PROMETHEUS_PORT:-19090}
+export API_PORT=${API_PORT:-18000} GRPC_PORT=${GRPC_PORT:-18001} PROMETHEUS_PORT=${PROMETHEUS_PORT:-19090}
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-sentimente2e}
 WORK=$(mktemp -d)
 log() { printf '[e2e %(%H:%M:%S)T] %s\n' -1 "$*"; }
@@ -164,6 +165,28 @@ print(f"wonderful {words['wonderful']:+.2f}, dull {words['dull']:+.2f}, 2 senten
 PY
 )
   log "POST /explain and GET / -> $answer"
+
+  # The Open Inference Protocol through the container's two ports, with Triton's own clients
+  # (from the project's dev install: tritonclient is not in the image).
+  answer=$("${CLIENT_PYTHON:-.venv/bin/python}" - "$API_PORT" "$GRPC_PORT" <<'PY'
+import sys
+import numpy as np
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+answers = {}
+for triton, port in ((triton_http, sys.argv[1]), (triton_grpc, sys.argv[2])):
+    client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+    assert client.is_model_ready("imdb-bigru")
+    text = triton.InferInput("TEXT", [1], "BYTES")
+    text.set_data_from_numpy(np.array(["A wonderful, moving film."], dtype=object))
+    result = client.infer("imdb-bigru", [text])
+    assert result.as_numpy("LABEL")[0] == b"POSITIVE", result.as_numpy("LABEL")
+    answers[triton.__name__.split(".")[-1]] = float(result.as_numpy("PROBABILITIES")[0][1])
+assert abs(answers["http"] - answers["grpc"]) < 1e-6, answers
+print(", ".join(f"{k} POSITIVE {v:.3f}" for k, v in answers.items()))
+PY
+)
+  log "Open Inference Protocol (tritonclient) -> $answer"
 
   local prom="http://127.0.0.1:$PROMETHEUS_PORT"
   for _ in $(seq 60); do

@@ -39,11 +39,15 @@ def jemalloc_library() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
-def exec_on_jemalloc(environ: Mapping[str, str] = os.environ) -> None:
-    """Replace this process with itself on jemalloc, unless it already is, the
-    ``SENTIMENT_ALLOCATOR`` setting says ``system``, or there is no jemalloc to load. Call it
-    first thing in ``main``: the new process starts from scratch (same PID, same arguments)."""
-    if sys.platform != "linux" or environ.get("SENTIMENT_ALLOCATOR", "jemalloc") != "jemalloc":
+def exec_on_jemalloc(
+    environ: Mapping[str, str] = os.environ, allocator_flag: str | None = None
+) -> None:
+    """Replace this process with itself on jemalloc, unless it already is, the ``allocator``
+    setting (``allocator_flag``, the ``--allocator`` flag, else ``SENTIMENT_ALLOCATOR``) says
+    ``system``, or there is no jemalloc to load. Call it first thing in ``main``: the new
+    process starts from scratch (same PID, same arguments)."""
+    choice = allocator_flag or environ.get("SENTIMENT_ALLOCATOR", "jemalloc")
+    if sys.platform != "linux" or choice != "jemalloc":
         return
     if "jemalloc" in environ.get("LD_PRELOAD", ""):  # already on it, or tried: never loops
         return

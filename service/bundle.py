@@ -109,6 +109,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+TruncationDirection = Literal["Left", "Right"]
+
+
 class Truncation(BaseModel):
     """A longer text keeps its first ``head`` and its last ``tail`` tokens
     (``head + tail == max_length``). Reviewers often state their verdict in the closing lines,
@@ -124,6 +127,12 @@ class Truncation(BaseModel):
     def keep(cls, max_length: int, head: int) -> Truncation:
         """The rule that keeps ``head`` tokens of the start and the rest of the end."""
         return cls(max_length=max_length, head=head, tail=max_length - head)
+
+    @classmethod
+    def toward(cls, max_length: int, direction: TruncationDirection) -> Truncation:
+        """TEI's ``truncation_direction``: "Right" cuts on the right (keeps the start), "Left"
+        on the left (keeps the end)."""
+        return cls.keep(max_length, head=max_length if direction == "Right" else 0)
 
     @model_validator(mode="after")
     def _adds_up(self) -> Truncation:

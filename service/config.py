@@ -1,14 +1,16 @@
-"""All service configuration, read from SENTIMENT_* environment variables and validated at
-start: a bad value stops the service with a message naming the variable."""
+"""All service configuration, read from SENTIMENT_* environment variables and, for
+``python -m service``, from command-line flags of the same names (flags win), validated at
+start: a bad value stops the service with a message naming the flag and the variable."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSettingsSource, NoDecode, SettingsConfigDict
 
 from service.bundle import PrecisionChoice, RuntimeChoice, resolve_device
 
@@ -18,12 +20,22 @@ CommaList = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
+    """Serve a sentiment model bundle over HTTP. Every flag is also an environment variable,
+    SENTIMENT_ and the flag's name in capitals with underscores (--max-batch-size:
+    SENTIMENT_MAX_BATCH_SIZE); a flag wins over its variable."""
+
     model_config = SettingsConfigDict(
         env_prefix="SENTIMENT_", extra="forbid", protected_namespaces=()
     )
 
     model_dir: Path = Field(Path("models"), description="model repository folder")
     model_name: str = Field("imdb-bigru", description="bundle to serve: <model_dir>/<model_name>/")
+    models: CommaList = Field(
+        default_factory=list,
+        description="more bundles of model_dir served at once beside model_name, by folder name "
+        "('*': every bundle there); the Open Inference Protocol (REST and gRPC) serves each "
+        "under its card's name, /predict, /explain and the page keep model_name",
+    )
     device: str = Field(
         "auto", description="auto (CUDA when available), cpu, cuda or cuda:N; checked at start"
     )
@@ -44,6 +56,26 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in a container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="log lines as text or as one JSON object each (TEI's --json-output); "
+        "either way each carries its request's x-request-id",
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://\S+$",
+        description="OpenTelemetry collector to send traces to over OTLP/HTTP, e.g. "
+        "http://otel-collector:4318 (spans go to its /v1/traces; TEI's --otlp-endpoint); "
+        "none: no tracing",
+    )
+    grpc_port: int = Field(
+        8001,
+        ge=-1,
+        le=65535,
+        description="port of the Open Inference Protocol's gRPC service (Triton's and KServe's "
+        "inference.GRPCInferenceService; Triton's default port), on the same host; 0: any free "
+        "port, -1: no gRPC",
+    )
 
     max_batch_size: int = Field(64, ge=1, le=4096, description="texts per model call")
     max_batch_tokens: int = Field(
@@ -143,7 +175,13 @@ class Settings(BaseSettings):
         "key is refused there (403)",
     )
     auth_exempt_paths: CommaList = Field(
-        default_factory=lambda: ["/health", "/ready", "/metrics"],
+        default_factory=lambda: [
+            "/health",
+            "/ready",
+            "/metrics",
+            "/v2/health/live",
+            "/v2/health/ready",
+        ],
         description="paths served without an API key",
     )
     admin_reload: bool = Field(
@@ -170,12 +208,20 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("api_keys", "auth_exempt_paths", "cors_origins", mode="before")
+    @field_validator("api_keys", "auth_exempt_paths", "cors_origins", "models", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("models")
+    @classmethod
+    def _bundle_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name != "*" and (Path(name).name != name or name in (".", "..")):
+                raise ValueError(f"{name!r} is not a bundle folder's name (no paths)")
+        return names
 
     @field_validator("api_keys", "admin_api_keys", mode="before")
     @classmethod
@@ -225,6 +271,44 @@ class Settings(BaseSettings):
     @property
     def bundle_dir(self) -> Path:
         return self.model_dir / self.model_name
+
+    @property
+    def bundle_dirs(self) -> list[Path]:
+        """Every bundle to serve, model_name's first (the default model)."""
+        if "*" in self.models:
+            names = sorted(p.name for p in self.model_dir.iterdir() if (p / "card.json").is_file())
+        else:
+            names = list(self.models)
+        return [self.bundle_dir] + [self.model_dir / n for n in names if n != self.model_name]
+
+
+def command_line(args: Sequence[str], prog: str = "python -m service") -> CliSettingsSource[Any]:
+    """The settings the flags in ``args`` give (pydantic-settings' argparse source): kebab-case
+    names, ``--flag`` / ``--no-flag`` for booleans, lists comma-separated or repeated. Reading
+    it raises ``SettingsError`` for an unknown or malformed flag; ``--help`` prints every flag
+    with its description and default and exits."""
+    return CliSettingsSource(
+        Settings,
+        cli_parse_args=list(args),
+        cli_prog_name=prog,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_exit_on_error=False,
+    )
+
+
+def as_environment(flags: Mapping[str, object]) -> dict[str, str]:
+    """The SENTIMENT_* variables that say what ``flags`` (a ``command_line`` reading) said:
+    processes started later (``processes`` > 1) read their settings from the environment."""
+
+    def text(value: object) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        return str(value)
+
+    return {f"SENTIMENT_{name.upper()}": text(value) for name, value in flags.items()}
 
 
 def _check_key(key: str, where: str) -> None:

@@ -145,6 +145,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, kind: ErrorType, message: str) -> None:
         log.info("closing a connection: %s", message)
+        # The app's metrics, which its lifespan put in the state uvicorn hands to connections.
+        metrics = self.app_state.get("metrics")
+        if metrics is not None:
+            metrics.failures.labels("connection", kind.value).inc()
         if self.cycle is None or not self.cycle.response_started:
             self.transport.write(_answer(kind, message))
         self.transport.close()

@@ -7,15 +7,30 @@ process's event loop cannot feed the device, so ``SENTIMENT_PROCESSES`` runs sev
 prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``python -m service``
 before it starts them) keeps every value in a file per process, and a scrape of any process
 sums them: counters and histograms add up, queue depths and CUDA memory are summed over the
-live processes, the model's info is one series.
+live processes, the model's info is one series. Each process's own ``process_*`` metrics
+(resident memory, open files, CPU time) are reported too: one series per process, with its
+``pid`` as a label when several serve. No ``*_created`` series: they double the series count
+for a value nobody graphs.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    multiprocess,
+)
+from prometheus_client.metrics_core import Metric
 
 PREFIX = "sentiment"
 CUDA_MEMORY_KINDS = ("allocated", "reserved", "peak")
@@ -48,7 +63,9 @@ def multiprocess_dir() -> str | None:
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # process-wide in prometheus_client
         self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=self.registry)
         self._read_cuda: Callable[[], dict[str, int] | None] | None = None
         self._stages()
         self._batches()
@@ -177,9 +194,38 @@ class Metrics:
         self.sample_cuda_memory()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        registry.register(_LiveProcesses(multiprocess_dir() or ""))
         return registry
 
     def process_exited(self) -> None:
         """Drop this process's live gauges from the sums (it has stopped serving)."""
         if multiprocess_dir():
             multiprocess.mark_process_dead(os.getpid())
+
+
+class _LiveProcesses:
+    """``process_*`` of every serving process, labelled by ``pid``: the live ones are those
+    whose live-gauge files are in the metrics folder (``process_exited`` removes them)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def collect(self) -> Iterator[Metric]:
+        pids = sorted(
+            {
+                int(match.group(1))
+                for path in self.folder.glob("gauge_live*_*.db")
+                if (match := re.fullmatch(r"gauge_live\w+_(\d+)\.db", path.name))
+            }
+        )
+        families: dict[str, Metric] = {}
+        for pid in pids:
+            reader = ProcessCollector(pid=functools.partial(int, pid), registry=None)
+            for family in reader.collect():
+                merged = families.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    labels = {**sample.labels, "pid": str(pid)}
+                    merged.add_sample(sample.name, labels, sample.value)
+        yield from families.values()

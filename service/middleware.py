@@ -4,7 +4,9 @@ error."""
 
 from __future__ import annotations
 
+import functools
 import hmac
+import re
 import time
 from collections.abc import Iterable
 from email.message import Message as MimeHeader
@@ -52,24 +54,31 @@ class ApiKeyAuth:
     def __init__(
         self,
         app: ASGIApp,
+        metrics: Metrics,
+        paths: frozenset[str],
         keys: Iterable[str],
         exempt: Iterable[str],
+        exempt_reads: Iterable[str] = (),
         exempt_prefixes: tuple[str, ...] = (),
         admin_keys: Iterable[str] = (),
         admin_paths: Iterable[str] = (),
     ) -> None:
         self.app = app
+        self.metrics = metrics
+        self.paths = paths  # route templates, for the failures' labels
         self.keys = [k.encode() for k in keys]
         self.admin_keys = [k.encode() for k in admin_keys]
         self.exempt = frozenset(exempt)
+        self.exempt_reads = frozenset(exempt_reads)  # for GET (and HEAD) only
         self.exempt_prefixes = exempt_prefixes
         self.admin_paths = frozenset(admin_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         admin = path in self.admin_paths
+        read = scope.get("method") in ("GET", "HEAD") and path in self.exempt_reads
         if scope["type"] != "http" or (
-            not admin and (path in self.exempt or path.startswith(self.exempt_prefixes))
+            not admin and (path in self.exempt or read or path.startswith(self.exempt_prefixes))
         ):
             await self.app(scope, receive, send)
             return
@@ -77,6 +86,8 @@ class ApiKeyAuth:
         if error is None:
             await self.app(scope, receive, send)
         else:
+            route = route_label(path, self.paths)
+            self.metrics.failures.labels(route, error.error_type.value).inc()
             await error_response(error)(scope, receive, send)
 
     def _refusal(self, scope: Scope, admin: bool) -> ServiceError | None:
@@ -112,25 +123,37 @@ def _matches(token: bytes, keys: list[bytes]) -> bool:
 
 
 class BodyGuard:
-    """Reads the body of a request to ``paths`` once, bounded by ``max_bytes``, checks it and
-    hands it on; a refusal is counted in the failures by reason. Other requests go straight
-    to the router (which answers 404 or 405)."""
+    """Reads the body of a request to ``paths`` once, bounded by ``max_bytes``, checks it is
+    JSON text and hands it on; for ``raw_paths`` (bodies that may hold binary tensors) only
+    the size and that there is a body. A refusal is counted in the failures by reason. Other
+    requests go straight to the router (which answers 404 or 405)."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, paths: frozenset[str], metrics: Metrics
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        paths: frozenset[str],
+        raw_paths: re.Pattern[str],
+        metrics: Metrics,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.paths = paths
+        self.raw_paths = raw_paths
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        raw = self.raw_paths.fullmatch(scope["path"]) is not None
+        if not raw and scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            self._check_content_type(headers.get("content-type"))
+            if not raw:
+                self._check_content_type(headers.get("content-type"))
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
                 raise self._too_large()
@@ -141,7 +164,8 @@ class BodyGuard:
                     'request body is empty; send JSON such as {"inputs": "some text"}',
                 )
             try:
-                body.decode("utf-8")
+                if not raw:
+                    body.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise ServiceError(
                     ErrorType.INVALID_ENCODING,
@@ -149,15 +173,17 @@ class BodyGuard:
                     f"{exc.start})",
                 ) from None
         except ServiceError as error:
-            self.metrics.failures.labels(scope["path"], error.error_type.value).inc()
+            route = "/v2/models/{name}/infer" if raw else scope["path"]
+            self.metrics.failures.labels(route, error.error_type.value).inc()
             await error_response(error)(scope, receive, send)
             return
 
         # FastAPI parses JSON only under a JSON content type; the body was checked above.
         scope = dict(scope)
-        scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"] + [
-            (b"content-type", b"application/json")
-        ]
+        if not raw:
+            scope["headers"] = [
+                (k, v) for k, v in scope["headers"] if k.lower() != b"content-type"
+            ] + [(b"content-type", b"application/json")]
         replayed = False
 
         async def replay() -> Message:
@@ -211,9 +237,7 @@ class HttpMetrics:
     def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str]) -> None:
         self.app = app
         self.metrics = metrics
-        # The app's route templates. None has path parameters, so a request's path is its
-        # template; anything else shares one label, so no client can grow the label set.
-        self.paths = paths
+        self.paths = paths  # the app's route templates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -242,16 +266,27 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = self._route(scope["path"])
+            route = route_label(scope["path"], self.paths)
             if gone:
                 status = STATUS[ErrorType.CLIENT_CLOSED]
                 self.metrics.failures.labels(route, ErrorType.CLIENT_CLOSED.value).inc()
             self.metrics.requests.labels(route, str(status)).inc()
             self.metrics.request_duration.labels(route).observe(time.perf_counter() - started)
 
-    def _route(self, path: str) -> str:
-        if path in self.paths:
-            return path
-        if path.startswith("/static/"):
-            return "/static"  # the page's files, one label
-        return "unmatched"
+
+def route_label(path: str, templates: frozenset[str]) -> str:
+    """The route template ``path`` matches, as a metric label: any other path shares one
+    label, so no client can grow the label set."""
+    if path in templates:
+        return path
+    if path.startswith("/static/"):
+        return "/static"  # the page's files, one label
+    for template in templates:
+        if "{" in template and _template_pattern(template).fullmatch(path):
+            return template
+    return "unmatched"
+
+
+@functools.cache
+def _template_pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)))

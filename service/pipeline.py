@@ -20,11 +20,13 @@ from typing import Any
 
 from service import segments
 from service.batcher import DynamicBatcher, ItemResult, JobResult
+from service.bundle import Truncation, TruncationDirection
 from service.config import Settings
 from service.errors import ErrorType, ServiceError
 from service.metrics import Metrics
-from service.runtime import Attribution, Encoded, ModelRuntime, ScoreFunction
+from service.runtime import Attribution, Encoded, ModelRuntime, ScoreFunction, Tokens
 from service.segments import MIXED_CONFIDENCE
+from service.tracing import Stages
 
 # Interpolated tokens per explanation chunk. A chunk is a forward and a backward pass: 4,096
 # tokens take about 0.5 s on two CPU cores, close to a prediction batch of 64 reviews (0.43 s,
@@ -162,10 +164,23 @@ class Predictor:
         function: ScoreFunction | None = None,
         top_k: int | None = None,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
+        direction: TruncationDirection | None = None,
     ) -> Prediction:
+        """Scores for ``texts``; a longer text cut as the card says, or (``direction``, TEI's
+        truncation_direction) keeping its start ("Right": cut on the right) or its end."""
         # The scheduler decides with the texts in the service (tokenising, queued or running).
         with self._predictions.admit(len(texts)), self.batcher.scheduler.in_service(len(texts)):
-            return await self._predict(texts, truncate, function, top_k, disconnected)
+            return await self._predict(texts, truncate, function, top_k, disconnected, direction)
+
+    async def tokenize(self, texts: list[str]) -> list[Tokens]:
+        """The tokens the model reads of each text, in the tokenising pool; admitted as
+        predictions are (the same bounds)."""
+        with self._predictions.admit(len(texts)):
+            runtime = self.runtime
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._tokenizer_pool, lambda: [runtime.tokenize(t) for t in texts]
+            )
 
     async def _predict(
         self,
@@ -174,16 +189,21 @@ class Predictor:
         function: ScoreFunction | None,
         top_k: int | None,
         disconnected: Callable[[], Awaitable[Any]] | None,
+        direction: TruncationDirection | None,
     ) -> Prediction:
         started = time.monotonic()
+        stages = Stages()  # children of the request's span, where traces are on
         deadline = started + self.settings.request_timeout_s
         runtime = self.runtime  # this request's model, to the end, whatever a reload does
+        longest = runtime.truncation.max_length
+        cut = None if direction is None else Truncation.toward(longest, direction)
         loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._tokenizer_pool, runtime.preprocess, texts)
+        encoded = await loop.run_in_executor(self._tokenizer_pool, runtime.preprocess, texts, cut)
         tokenization_s = time.monotonic() - started
         self.metrics.tokenization_duration.observe(tokenization_s)
 
         truncated = self._check_lengths(runtime, encoded, truncate)
+        submitted = time.monotonic()
         futures = self.batcher.submit([e.ids for e in encoded], deadline, runtime.infer)
         self.metrics.inputs.inc(len(texts))
         self.metrics.inputs_truncated.inc(truncated)
@@ -191,6 +211,13 @@ class Predictor:
             futures, deadline, self.settings.request_timeout_s, disconnected
         )
 
+        queue_s = max(r.queue_s for r in results)
+        inference_s = max(r.inference_s for r in results)
+        tokens = sum(len(e.ids) for e in encoded)
+        stages.add("tokenize", started, tokenization_s, texts=len(texts), tokens=tokens)
+        last = max(results, key=lambda r: r.queue_s + r.inference_s)  # the text answered last
+        stages.add("queue", submitted, last.queue_s)
+        stages.add("inference", submitted + last.queue_s, last.inference_s)
         k = top_k or 2
         return Prediction(
             scores=[
@@ -204,10 +231,10 @@ class Predictor:
             ],
             timing=Timing(
                 model_version=runtime.card.version,
-                tokens=sum(len(e.ids) for e in encoded),
+                tokens=tokens,
                 tokenization_s=tokenization_s,
-                queue_s=max(r.queue_s for r in results),
-                inference_s=max(r.inference_s for r in results),
+                queue_s=queue_s,
+                inference_s=inference_s,
             ),
         )
 

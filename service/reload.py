@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.allocator import refreeze
 from service.bundle import BundleError
@@ -68,8 +69,13 @@ def _retrieve(future: asyncio.Future[Reloaded]) -> None:
 
 
 class Reloader:
-    def __init__(self, predictor: Predictor, settings: Settings, metrics: Metrics) -> None:
+    """Reloads one predictor's model from its bundle ``folder``."""
+
+    def __init__(
+        self, predictor: Predictor, folder: Path, settings: Settings, metrics: Metrics
+    ) -> None:
         self.predictor = predictor
+        self.folder = folder
         self.settings = settings
         self.metrics = metrics
         self._lock = asyncio.Lock()  # one reload at a time
@@ -96,8 +102,14 @@ class Reloader:
         s = self.settings
         try:
             new = await asyncio.to_thread(
-                ModelRuntime.load, s.bundle_dir, s.device, s.dtype, s.runtime
+                ModelRuntime.load, self.folder, s.device, s.dtype, s.runtime
             )
+            served = self.predictor.runtime.card.name
+            if new.card.name != served:  # the name is the model's address
+                raise BundleError(
+                    f"{self.folder}: its card names {new.card.name!r}, not {served!r}; "
+                    "restart the service to serve a renamed model"
+                )
             if s.warmup:
                 ways = self.predictor.batcher.scheduler.warm_ups()
                 await asyncio.to_thread(new.warmup, ways)

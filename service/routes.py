@@ -4,11 +4,23 @@ replace (``app.dependency_overrides``)."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.config import ADMIN_RELOAD, Settings
@@ -28,6 +40,8 @@ from service.schemas import (
     PredictResponse,
     ReloadResponse,
     SchedulerPolicy,
+    SimpleToken,
+    TokenizeRequest,
 )
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -63,11 +77,18 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 PredictorDep = Annotated[Predictor, Depends(get_predictor)]
 
 
-async def get_reloader(request: Request, _: PredictorDep) -> Reloader:
-    """The reloader; the lifespan sets it with the predictor, whose dependency answers 503
-    before then."""
-    reloader: Reloader = request.app.state.reloader
-    return reloader
+async def get_reloader(
+    request: Request, predictor: PredictorDep, model: str | None = None
+) -> Reloader:
+    """The reloader of the served model named ``model`` (default: the default model); the
+    lifespan sets them with the predictors, whose dependency answers 503 before then."""
+    reloaders: dict[str, Reloader] = request.app.state.reloaders
+    name = model or predictor.runtime.card.name
+    if name not in reloaders:
+        raise ServiceError(
+            ErrorType.NOT_FOUND, f"no model {name!r} is served here; these are: {sorted(reloaders)}"
+        )
+    return reloaders[name]
 
 
 ReloaderDep = Annotated[Reloader, Depends(get_reloader)]
@@ -84,15 +105,37 @@ admin_router = APIRouter()
     responses=ERROR_RESPONSES,
     summary="Score the polarity of one text or a list of texts",
 )
+# TEI answers its classifier's predictions at / too (InferenceClient(model=URL) posts there).
+@router.post(
+    "/", response_model=PredictResponse, responses=ERROR_RESPONSES, include_in_schema=False
+)
 async def predict(body: PredictRequest, request: Request, predictor: PredictorDep) -> Response:
     prediction = await predictor.predict(
         body.texts,
         truncate=body.truncate,
-        function=body.parameters.function_to_apply,
+        function=body.function,
         top_k=body.parameters.top_k,
-        disconnected=lambda: _client_gone(request),
+        disconnected=lambda: client_gone(request),
+        direction=body.truncation_direction,
     )
     return JSONResponse(prediction.scores, headers=prediction.timing.headers())
+
+
+@router.post(
+    "/tokenize",
+    response_model=list[list[SimpleToken]],
+    responses=ERROR_RESPONSES,
+    summary="The tokens the model reads of each text (TEI's /tokenize)",
+)
+async def tokenize(body: TokenizeRequest, predictor: PredictorDep) -> list[list[SimpleToken]]:
+    tokenized = await predictor.tokenize(body.texts)
+    return [
+        [
+            SimpleToken(id=int(i), text=text[a:b], special=False, start=a, stop=b)
+            for i, (a, b) in zip(tokens.ids, tokens.offsets, strict=True)
+        ]
+        for text, tokens in zip(body.texts, tokenized, strict=True)
+    ]
 
 
 @router.post(
@@ -107,7 +150,7 @@ async def explain(body: ExplainRequest, request: Request, predictor: PredictorDe
         body.texts,
         truncate=body.truncate,
         steps=body.parameters.steps,
-        disconnected=lambda: _client_gone(request),
+        disconnected=lambda: client_gone(request),
     )
     return JSONResponse(explained.explanations, headers=explained.timing.headers())
 
@@ -116,7 +159,8 @@ async def explain(body: ExplainRequest, request: Request, predictor: PredictorDe
     ADMIN_RELOAD,
     response_model=ReloadResponse,
     responses=ERROR_RESPONSES,
-    summary="Reload the model from its bundle, as SIGHUP does (SENTIMENT_ADMIN_RELOAD)",
+    summary="Reload a model from its bundle (?model=NAME; default: the default model), as "
+    "SIGHUP does for every model (SENTIMENT_ADMIN_RELOAD)",
 )
 async def reload_model(reloader: ReloaderDep) -> ReloadResponse:
     reloaded = await reloader.reload()
@@ -126,6 +170,54 @@ async def reload_model(reloader: ReloaderDep) -> ReloadResponse:
         previous_version=reloaded.previous_version,
         seconds=reloaded.seconds,
     )
+
+
+# API docs pages with their files from the app (/static/docs/), never a CDN: they render on a
+# host without internet. FastAPI's own pages are switched off in create_app.
+DOCS_ASSETS = "/static/docs"
+
+
+@router.get("/docs", include_in_schema=False)
+async def swagger_ui(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url=str(request.app.openapi_url),
+        title=f"{request.app.title}: API docs",
+        oauth2_redirect_url="/docs/oauth2-redirect",
+        swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        swagger_favicon_url="/static/favicon.svg",
+    )
+
+
+@router.get("/docs/oauth2-redirect", include_in_schema=False)
+async def swagger_ui_redirect() -> HTMLResponse:
+    return get_swagger_ui_oauth2_redirect_html()
+
+
+@router.get("/redoc", include_in_schema=False)
+async def redoc(request: Request) -> HTMLResponse:
+    return get_redoc_html(
+        openapi_url=str(request.app.openapi_url),
+        title=f"{request.app.title}: API reference",
+        redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+        redoc_favicon_url="/static/favicon.svg",
+        with_google_fonts=False,
+    )
+
+
+def docs_assets() -> Path:
+    """The folder of Swagger UI's and ReDoc's files (the fastapi-offline package's)."""
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("fastapi-offline is not installed: the API docs have no files")
+    return Path(spec.origin).parent / "static"
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> FileResponse:
+    """The icon browsers ask for at this path whatever the page says (an SVG: every current
+    browser takes it here)."""
+    return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
 
 
 @router.get("/", include_in_schema=False)
@@ -180,7 +272,7 @@ async def prometheus_metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.exposition_registry()), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _client_gone(request: Request) -> None:
+async def client_gone(request: Request) -> None:
     """Returns once the client has gone away (the body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass

@@ -21,6 +21,7 @@ import torch
 from tokenizers import Encoding, Tokenizer
 
 from service import bundle
+from service.bundle import Truncation
 
 ScoreFunction = Literal["sigmoid", "softmax", "none"]
 
@@ -234,28 +235,30 @@ class ModelRuntime:
         return cls(bundle.load(folder, device, precision, runtime))
 
     # -- preprocess -------------------------------------------------------------------------
-    def preprocess(self, texts: list[str]) -> list[Encoded]:
-        """Tokenise, then cut longer texts by the card's truncation rule."""
+    def preprocess(self, texts: list[str], cut: Truncation | None = None) -> list[Encoded]:
+        """Tokenise, then cut longer texts by ``cut`` (default: the card's truncation rule)."""
+        cut = cut or self.truncation
         short = iter(self.tokenizer.encode_batch([t for t in texts if not self._long(t)]))
         encoded = []
         for text in texts:
             if self._long(text):
-                n, pieces = self._read_pieces(text)
-                ids = np.asarray([piece.ids[i] for i, piece in self._read(n, pieces)], np.int64)
-                encoded.append(Encoded(ids, n))
+                n, pieces = self._read_pieces(text, cut)
+                read = self._read(n, pieces, cut)
+                encoded.append(Encoded(np.asarray([p.ids[i] for i, p in read], np.int64), n))
             else:
                 ids = np.asarray(next(short).ids, dtype=np.int64)
-                encoded.append(Encoded(self.truncation.apply(ids), len(ids)))
+                encoded.append(Encoded(cut.apply(ids), len(ids)))
         return encoded
 
-    def tokenize(self, text: str) -> Tokens:
-        """The tokens the model reads of one text (all of them, or the ones the card's
-        truncation keeps), each with its id and its place in ``text``. Of a long text only
-        the pieces that hold read tokens stay encoded, and only read tokens become Python
-        objects: a 2 MB text has a million tokens."""
-        n, pieces = self._read_pieces(text)
+    def tokenize(self, text: str, cut: Truncation | None = None) -> Tokens:
+        """The tokens the model reads of one text (all of them, or the ones ``cut``, by
+        default the card's truncation, keeps), each with its id and its place in ``text``. Of
+        a long text only the pieces that hold read tokens stay encoded, and only read tokens
+        become Python objects: a 2 MB text has a million tokens."""
+        cut = cut or self.truncation
+        n, pieces = self._read_pieces(text, cut)
         ids, offsets = [], []
-        for i, piece in self._read(n, pieces):
+        for i, piece in self._read(n, pieces, cut):
             ids.append(piece.ids[i])
             a, b = piece.encoding.token_to_chars(i) or (0, 0)
             a, b = piece.first_char + a, piece.first_char + b
@@ -267,10 +270,9 @@ class ModelRuntime:
         tokens = [self.tokenizer.id_to_token(i) or "" for i in ids]
         return Tokens(n, np.asarray(ids, dtype=np.int64), tokens, offsets)
 
-    def _read_pieces(self, text: str) -> tuple[int, list[_Piece]]:
+    def _read_pieces(self, text: str, cut: Truncation) -> tuple[int, list[_Piece]]:
         """The text's number of tokens, and its pieces that hold the tokens the model reads
         (the first ``head``, and at least the last ``tail``); the others are only counted."""
-        cut = self.truncation
         kept: dict[int, tuple[int, int, Encoding]] = {}  # piece: first token, first char, it
         recent: deque[int] = deque()  # the last pieces, holding at least cut.tail tokens
         n = 0
@@ -283,9 +285,8 @@ class ModelRuntime:
                     del kept[old]  # holds none of the head's tokens, nor of the tail's
         return n, [_Piece(*kept[k], kept[k][2].ids) for k in sorted(kept)]
 
-    def _read(self, n: int, pieces: list[_Piece]) -> Iterator[tuple[int, _Piece]]:
+    def _read(self, n: int, pieces: list[_Piece], cut: Truncation) -> Iterator[tuple[int, _Piece]]:
         """Each token the model reads of a text of ``n`` tokens: its index in its piece."""
-        cut = self.truncation
         read = range(n) if n <= cut.max_length else [*range(cut.head), *range(n - cut.tail, n)]
         ordered = iter(pieces)
         piece = next(ordered)

@@ -14,9 +14,10 @@ from pydantic import (
     StrictBool,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
-from service.bundle import ModelSummary
+from service.bundle import ModelSummary, TruncationDirection
 from service.segments import MIXED_CONFIDENCE
 
 # A text must hold something besides white space. The schema states it as the pattern \S,
@@ -61,18 +62,11 @@ class ExplainParameters(BaseModel):
     )
 
 
-class _TextsRequest(BaseModel):
-    """``inputs`` (a text or a list of texts) and ``truncate``, shared by /predict and
-    /explain."""
+class _Texts(BaseModel):
+    """``inputs``: a text or a list of texts, each holding more than white space."""
 
     inputs: Text | Annotated[list[Text], Field(min_length=1)] = Field(
         description="one text, or a list of texts"
-    )
-    truncate: StrictBool | None = Field(
-        None,
-        description="read a longer text cut to max_length tokens (its first and last tokens, "
-        "as /info's truncation says) instead of refusing it (default: the server's "
-        "auto_truncate setting)",
     )
 
     @field_validator("inputs", mode="before")
@@ -100,13 +94,85 @@ class _TextsRequest(BaseModel):
         return [self.inputs] if isinstance(self.inputs, str) else self.inputs
 
 
+class _TextsRequest(_Texts):
+    """``inputs`` and ``truncate``, shared by /predict and /explain."""
+
+    truncate: StrictBool | None = Field(
+        None,
+        description="read a longer text cut to max_length tokens (its first and last tokens, "
+        "as /info's truncation says) instead of refusing it (default: the server's "
+        "auto_truncate setting)",
+    )
+
+
 class PredictRequest(_TextsRequest):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"inputs": "A wonderful, moving film."}],
+            # What _one_score_function refuses, stated for clients (and the fuzzer).
+            "not": {
+                "required": ["raw_scores", "parameters"],
+                "properties": {
+                    "raw_scores": {"const": True},
+                    "parameters": {
+                        "required": ["function_to_apply"],
+                        "properties": {"function_to_apply": {"enum": ["sigmoid", "softmax"]}},
+                    },
+                },
+            },
+        },
+    )
+
+    parameters: PredictParameters = Field(default_factory=PredictParameters)
+    # TEI's two fields, with TEI's meaning.
+    raw_scores: StrictBool = Field(
+        False,
+        description="TEI's: the calibrated log-odds instead of probabilities (as "
+        "parameters.function_to_apply 'none')",
+    )
+    truncation_direction: TruncationDirection | None = Field(
+        None,
+        description="TEI's: with truncate, cut a longer text on the 'Right' (keep its first "
+        "max_length tokens) or on the 'Left' (keep its last) instead of the card's head and "
+        "tail",
+    )
+
+    @model_validator(mode="after")
+    def _one_score_function(self) -> PredictRequest:
+        if self.raw_scores and self.parameters.function_to_apply not in (None, "none"):
+            raise ValueError(
+                "raw_scores asks for log-odds, parameters.function_to_apply for "
+                f"{self.parameters.function_to_apply!r}: send one of them"
+            )
+        return self
+
+    @property
+    def function(self) -> Literal["sigmoid", "softmax", "none"] | None:
+        return "none" if self.raw_scores else self.parameters.function_to_apply
+
+
+class TokenizeRequest(_Texts):
+    """TEI's /tokenize."""
+
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"inputs": "A wonderful, moving film."}]},
     )
 
-    parameters: PredictParameters = Field(default_factory=PredictParameters)
+    add_special_tokens: StrictBool = Field(
+        True, description="TEI's; this model's tokenizer adds no special tokens either way"
+    )
+
+
+class SimpleToken(BaseModel):
+    """A token as TEI's /tokenize gives it: offsets in code points, as /explain's."""
+
+    id: int
+    text: str = Field(description="the token as written: input[start:stop]")
+    special: bool
+    start: int
+    stop: int
 
 
 class ExplainRequest(_TextsRequest):

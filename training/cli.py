@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm import tqdm
 
 from service.bundle import PRECISIONS
@@ -280,7 +281,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     device = resolve_device(cfg.device)
     model = result.model.to(device)
     truncation = cfg.truncation
-    sets = {"validation": prepared.splits["val"], "test": prepared.splits["test"]}
+    test = prepared.splits["test"].sample(cfg.test_limit, np.random.default_rng(cfg.seed))
+    sets = {"validation": prepared.splits["val"], "test": test}
     if len(result.short_val):
         sets["validation_short"] = result.short_val
     if sentences is not None:

@@ -169,6 +169,11 @@ class TrainConfig:
     train_limit: int | None = _opt(
         None, "train on a random subset of this many reviews (quick runs)"
     )
+    test_limit: int | None = _opt(
+        None,
+        "score the bundle on a seeded random sample of this many official test reviews "
+        "instead of all 25,000 (quick runs; the card's metrics.test.n says how many)",
+    )
     device: str = _opt("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     amp: bool = _opt(True, "mixed precision (float16 autocast) when training on CUDA")
     threads: int | None = _opt(None, "CPU threads for torch (default: torch's own choice)")

@@ -47,6 +47,13 @@ class TokenizedSplit:
     def lengths(self) -> np.ndarray:
         return np.array([len(x) for x in self.ids], dtype=np.int64)
 
+    def sample(self, count: int | None, rng: np.random.Generator) -> TokenizedSplit:
+        """``count`` of its reviews drawn at random (in their order), or all of them."""
+        if not count or count >= len(self):
+            return self
+        keep = np.sort(rng.choice(len(self), count, replace=False))
+        return TokenizedSplit([self.ids[i] for i in keep], self.labels[keep])
+
 
 @dataclass
 class Prepared:

@@ -65,12 +65,8 @@ class _TrainingData:
 
     @classmethod
     def of(cls, prepared: Prepared, cfg: TrainConfig, rng: np.random.Generator) -> _TrainingData:
-        train_split, val = prepared.splits["train"], prepared.splits["val"]
-        if cfg.train_limit and cfg.train_limit < len(train_split):
-            keep = np.sort(rng.choice(len(train_split), cfg.train_limit, replace=False))
-            train_split = TokenizedSplit(
-                [train_split.ids[i] for i in keep], train_split.labels[keep]
-            )
+        val = prepared.splits["val"]
+        train_split = prepared.splits["train"].sample(cfg.train_limit, rng)
         vocab = vocabulary(prepared.tokenizer)
         enders = sentence_enders(vocab)
         ratios = log_count_ratios(prepared.splits["train"], len(vocab))

@@ -25,16 +25,8 @@ async function call(route, payload) {
     body = null;
   }
   if (!response.ok) {
-    const words = {
-      401: "An API key is needed, or the one given is wrong.",
-      413: "Too long.",
-      422: "The request was refused.",
-      429: "The service is busy; try again in a moment.",
-      504: "The service took too long to answer.",
-    }[response.status] || `The service answered ${response.status}.`;
-    const detail = body && body.error ? ` ${body.error}` : "";
-    const kind = body && body.error_type ? ` (${body.error_type})` : "";
-    const error = new Error(`${words}${detail}${kind}`);
+    if (response.status === 401) showKeyField();
+    const error = new Error(whatToDo(response.status, body || {}));
     error.status = response.status;
     throw error;
   }
@@ -44,6 +36,50 @@ async function call(route, payload) {
     .map(([name, value]) => `${name} ${Number(value).toFixed(1)} ms`)
     .join(", ");
   return { body, timing };
+}
+
+// An error as what the reader can do about it, in the page's terms (its boxes, not the API's
+// fields); the API's own words only where they name what to fix in the text itself.
+function whatToDo(status, body) {
+  const kind = body.error_type ? ` (${body.error_type})` : "";
+  if (body.error_type === "input_too_long") {
+    const counts = /has (\d+) tokens; the model reads at most (\d+)/.exec(body.error || "");
+    const size = counts ? `This review has ${counts[1]} tokens; the model reads at most ${counts[2]}. ` : "This review is longer than the model reads. ";
+    return `${size}Tick “Truncate long reviews” to score its start and end, or shorten it.${kind}`;
+  }
+  const words = {
+    401: "Enter the API key this server asks for in the “API key” box, then Analyse again.",
+    413: "This review is larger than the service accepts: shorten it.",
+    429: "The service is busy: try again in a moment.",
+    503: "The model is still loading: try again in a moment.",
+    504: "The service took too long to answer: try again, or a shorter review.",
+  }[status];
+  if (words) return `${words}${kind}`;
+  const detail = body.error ? ` ${body.error}` : "";
+  return `The review was refused:${detail}${kind}`;
+}
+
+function showKeyField() {
+  $("key-field").hidden = false;
+}
+
+// The served model's name and version under the title; a 401 here means the server asks for
+// a key, so the key box appears (it stays hidden where there is no authentication).
+async function showModel() {
+  let response;
+  try {
+    response = await fetch("info", { headers: headersFor() });
+  } catch (err) {
+    return;
+  }
+  if (response.status === 401) {
+    showKeyField();
+    $("model-version").textContent = "This server asks for an API key.";
+    return;
+  }
+  if (!response.ok) return;
+  const { model } = await response.json();
+  $("model-version").textContent = `Model ${model.name} ${model.version}`;
 }
 
 function showError(message) {
@@ -168,5 +204,9 @@ document.addEventListener("DOMContentLoaded", () => {
   }
   // Remember the key for this tab only.
   $("apikey").value = sessionStorage.getItem("sentiment-api-key") || "";
-  $("apikey").addEventListener("change", () => sessionStorage.setItem("sentiment-api-key", $("apikey").value));
+  $("apikey").addEventListener("change", () => {
+    sessionStorage.setItem("sentiment-api-key", $("apikey").value);
+    showModel();
+  });
+  showModel();
 });

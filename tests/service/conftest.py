@@ -8,8 +8,9 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ class RunningServer:
 def serve(bundle: Path, policy: Policy | None = None, **overrides: Any) -> Iterator[RunningServer]:
     """``create_app`` under a real uvicorn in a thread of the test process, once ready, with
     the settings' ``overrides`` and the scheduler's ``policy`` (default: the service's)."""
+    # No gRPC in the test process: its messages would clash with tritonclient's there
+    # (service/app.py, _start_grpc); tests/service/test_oip.py calls it in a served process.
+    overrides.setdefault("grpc_port", -1)
     settings = Settings(
         model_dir=bundle.parent, model_name=bundle.name, port=free_port(), **overrides
     )
@@ -87,11 +91,11 @@ def oversize_tokenizer(bundle: Path) -> None:
 
 
 def start_service(
-    bundle: Path, open_files: int | None = None, **env: str
+    bundle: Path, open_files: int | None = None, args: Sequence[str] = (), **env: str
 ) -> tuple[subprocess.Popen[str], str]:
     """`python -m service` started on a free port with extra environment (not yet ready): the
     process (its output merged into stdout) and its URL. ``open_files``: the soft limit on
-    open files it starts with (the hard one stays)."""
+    open files it starts with (the hard one stays); ``args``: its command-line flags."""
 
     def limit_files() -> None:
         if open_files is not None:
@@ -104,27 +108,46 @@ def start_service(
         "SENTIMENT_MODEL_DIR": str(bundle.parent),
         "SENTIMENT_MODEL_NAME": bundle.name,
         "SENTIMENT_PORT": str(port),
+        "SENTIMENT_GRPC_PORT": "0",  # a free port: never a clash with another test's
         **env,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service"],
+    process = LoggedProcess(
+        [sys.executable, "-m", "service", *args],
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         start_new_session=True,  # its own process group: what it started goes with it
         preexec_fn=limit_files,
     )
     return process, f"http://127.0.0.1:{port}"
 
 
+class LoggedProcess(subprocess.Popen[str]):
+    """A process whose output (stdout and stderr) goes to a file, which ``communicate`` reads
+    once it has exited. Not a pipe: one nobody reads while a test runs fills up (64 KiB of
+    access log), and the server's next log line, and with it every request, blocks."""
+
+    def __init__(self, command: list[str], **kwargs: Any) -> None:
+        handle, name = tempfile.mkstemp(prefix="service-", suffix=".log")
+        os.close(handle)
+        self._log = Path(name)
+        with self._log.open("ab") as log:  # the child keeps its own descriptor
+            super().__init__(command, stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+    def communicate(
+        self, input: str | None = None, timeout: float | None = None
+    ) -> tuple[str, str]:
+        self.wait(timeout)
+        output = self._log.read_text(errors="replace") if self._log.exists() else ""
+        self._log.unlink(missing_ok=True)
+        return output, ""
+
+
 @contextmanager
 def service_process(
-    bundle: Path, open_files: int | None = None, **env: str
+    bundle: Path, open_files: int | None = None, args: Sequence[str] = (), **env: str
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`python -m service` (``start_service``), once it is ready. Killed on exit if still
     running."""
-    process, url = start_service(bundle, open_files, **env)
+    process, url = start_service(bundle, open_files, args, **env)
     try:
         try:
             wait_until_ready(

@@ -91,6 +91,7 @@ def test_onnx_runtime_on_a_bundle_without_model_onnx_stops_the_service_with_one_
     env = {
         **os.environ,
         "SENTIMENT_PORT": "0",
+        "SENTIMENT_GRPC_PORT": "0",
         "SENTIMENT_MODEL_DIR": str(folder.parent),
         "SENTIMENT_MODEL_NAME": "plain",
         "SENTIMENT_RUNTIME": "onnx",

@@ -22,6 +22,7 @@ from tests.service.conftest import SHIPPED, RunningServer, serve
 from tests.service.test_app import metric
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -37,18 +38,30 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
+def chromium(*flags: str) -> Iterator[WebDriver]:
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(flag)
-    options.add_argument("--window-size=1000,1200")
+    for flag in flags:
+        options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    yield from chromium("--window-size=1000,1200")
+
+
+@pytest.fixture(scope="module")
+def offline_browser() -> Iterator[WebDriver]:
+    """Chromium that can reach 127.0.0.1 and nothing else (every other host name fails to
+    resolve), as on an air-gapped host."""
+    yield from chromium("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
 
 
 def submit(browser: WebDriver, url: str, text: str, truncate: bool = False) -> None:
@@ -123,7 +136,10 @@ def test_a_review_too_long_is_refused_then_truncated_on_request(
 ):
     text = " ".join(["great"] * 10 + ["dull"] * 30 + ["superb"] * 10)  # 50 tokens; 32 read
     submit(browser, server.url, text)
-    assert "has 50 tokens; the model reads at most 32" in error_text(browser)
+    message = error_text(browser)
+    assert "has 50 tokens; the model reads at most 32" in message
+    assert "Tick “Truncate long reviews”" in message  # the page's box, not the API's field
+    assert '"truncate"' not in message
     submit(browser, server.url, text, truncate=True)
     wait_for(browser, ec.visibility_of_element_located((By.ID, "dropped")))
     assert "tokens 13 to 30" in browser.find_element(By.ID, "dropped").text
@@ -155,12 +171,26 @@ def test_a_busy_service_is_shown_as_busy(browser: WebDriver):
 
 def test_with_auth_on_the_page_loads_and_sends_the_key(browser: WebDriver, trained_bundle: Path):
     with serve(trained_bundle, api_keys=["s3cret"]) as server:
+        browser.execute_script("sessionStorage.clear()")
         submit(browser, server.url, "a great film")
-        assert "An API key is needed" in error_text(browser)
+        assert "Enter the API key this server asks for" in error_text(browser)
+        assert browser.find_element(By.ID, "apikey").is_displayed()
         browser.find_element(By.ID, "apikey").send_keys("s3cret")
         browser.find_element(By.ID, "submit").click()
         wait_for(browser, ec.presence_of_element_located((By.CSS_SELECTOR, "#sentences li")))
         assert not browser.find_element(By.ID, "error").is_displayed()
+        browser.execute_script("sessionStorage.clear()")
+
+
+def test_the_page_names_the_model_and_hides_the_key_box_without_auth(
+    browser: WebDriver, shipped: RunningServer
+):
+    """If this fails, a visitor cannot tell which model answers, or sees a key box on a
+    server that asks for no key."""
+    browser.get(shipped.url)
+    version = (By.ID, "model-version")
+    wait_for(browser, ec.text_to_be_present_in_element(version, "Model imdb-bigru 2.0.0"))
+    assert not browser.find_element(By.ID, "apikey").is_displayed()
 
 
 def test_at_phone_width_nothing_spills_sideways(browser: WebDriver, shipped: RunningServer):
@@ -174,3 +204,29 @@ def test_at_phone_width_nothing_spills_sideways(browser: WebDriver, shipped: Run
         assert overflow <= 0
     finally:
         browser.set_window_size(1000, 1200)
+
+
+def test_the_api_docs_render_without_internet(offline_browser: WebDriver, server: RunningServer):
+    """If this fails, /docs or /redoc fetch their scripts from a CDN again and show a blank
+    page on a host without internet."""
+    with pytest.raises(WebDriverException, match="ERR_NAME_NOT_RESOLVED"):  # no CDN here
+        offline_browser.get("https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css")
+    offline_browser.get(f"{server.url}/docs")
+    title = (By.CSS_SELECTOR, ".swagger-ui .info .title")
+    wait_for(offline_browser, ec.visibility_of_element_located(title), seconds=30)
+    assert "Sentiment inference service" in offline_browser.find_element(*title).text
+    assert offline_browser.find_elements(By.CSS_SELECTOR, '[id^="operations-default-predict"]')
+    offline_browser.get(f"{server.url}/redoc")
+    heading = (By.CSS_SELECTOR, ".api-info h1")
+    wait_for(offline_browser, ec.visibility_of_element_located(heading), seconds=30)
+    assert "Sentiment inference service" in offline_browser.find_element(*heading).text
+    assert "/predict" in offline_browser.page_source
+
+
+def test_the_page_has_an_icon(server: RunningServer):
+    """If this fails, browsers log a 404 for /favicon.ico on every visit."""
+    icon = httpx.get(f"{server.url}/favicon.ico")
+    assert icon.status_code == 200
+    assert icon.headers["content-type"] == "image/svg+xml"
+    page = httpx.get(f"{server.url}/").text
+    assert 'rel="icon" href="static/favicon.svg"' in page

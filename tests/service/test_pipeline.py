@@ -12,6 +12,7 @@ import pytest
 
 from service import bundle
 from service.batcher import DynamicBatcher
+from service.bundle import Truncation
 from service.config import Settings
 from service.metrics import Metrics
 from service.pipeline import Predictor
@@ -34,14 +35,14 @@ class SlowTokenizer(ModelRuntime):
         self.hows.append(how)
         return super().infer(seqs, how)
 
-    def preprocess(self, texts: list[str]) -> list[Encoded]:
+    def preprocess(self, texts: list[str], cut: Truncation | None = None) -> list[Encoded]:
         with self._lock:
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
         time.sleep(0.2)
         with self._lock:
             self.running -= 1
-        return super().preprocess(texts)
+        return super().preprocess(texts, cut)
 
 
 def _batcher(runtime: ModelRuntime) -> DynamicBatcher:

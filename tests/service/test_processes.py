@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from service.config import Settings
@@ -113,6 +114,15 @@ def test_processes_share_the_port_and_report_one_set_of_metrics(trained_bundle: 
             assert metric_at(url, "sentiment_inputs_total") == sent * len(TEXTS)
         info = httpx.get(f"{url}/info").json()
         assert info["batching"]["processes"] == PROCESSES
+        # Each process's own memory and files, by pid (docs/reliability.md watches memory).
+        text = httpx.get(f"{url}/metrics").text
+        resident = {
+            s.labels["pid"]
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "process_resident_memory_bytes" and s.value > 0
+        }
+        assert resident == {str(pid) for pid in children}
 
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)

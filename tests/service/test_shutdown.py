@@ -60,7 +60,7 @@ def test_sigterm_answers_every_accepted_request(trained_bundle: Path):
 def _start(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "service"],
-        env={**os.environ, "SENTIMENT_PORT": "0", **env},
+        env={**os.environ, "SENTIMENT_PORT": "0", "SENTIMENT_GRPC_PORT": "0", **env},
         capture_output=True,
         text=True,
         timeout=60,

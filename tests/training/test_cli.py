@@ -289,11 +289,16 @@ def test_prepare_writes_a_folder_train_can_use_elsewhere(
                 str(tmp_path / "models"),
                 "--data",
                 str(tmp_path / "no-raw-data-here"),
+                "--test-limit",
+                "30",  # the README's smoke run scores a sample of the test reviews
             ]
         )
         == 0
     )
     assert (tmp_path / "models" / "moved" / "model.pt").is_file()
+    card = json.loads((tmp_path / "models" / "moved" / "card.json").read_text())
+    assert card["metrics"]["test"]["n"] == 30
+    assert card["hyperparameters"]["test_limit"] == 30
 
 
 def test_short_text_training_reports_sentences_and_evaluate_reproduces_them(
