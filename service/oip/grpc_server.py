@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind
 
 from service.errors import ErrorType, ServiceError
 from service.logs import REQUEST_ID, request_id
@@ -23,6 +25,7 @@ from service.oip import predict_v2_pb2 as pb
 from service.oip import predict_v2_pb2_grpc as pb_grpc
 from service.oip import protocol
 from service.pipeline import Predictor
+from service.tracing import tracer
 
 log = logging.getLogger("service.grpc")
 
@@ -150,30 +153,37 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, method: str, context: Any, call: Callable[[], Awaitable[Reply]]
     ) -> Reply:
         """``call``'s reply, or its error as a gRPC status; counted and timed as HTTP routes
-        are (route: the method's path, status: the gRPC code's name)."""
+        are (route: the method's path, status: the gRPC code's name), with the request id
+        (``x-request-id`` metadata) and a server span (continuing a ``traceparent``) as an
+        HTTP request has."""
         started = time.perf_counter()
         route, code = SERVICE + method, grpc.StatusCode.OK
-        offered = [v for k, v in context.invocation_metadata() if k == "x-request-id"]
-        rid = REQUEST_ID.set(request_id(offered[0] if len(offered) == 1 else None))
-        try:
-            await context.send_initial_metadata((("x-request-id", REQUEST_ID.get()),))
-            self._authorise(context)
-            return await call()
-        except ServiceError as error:
-            code = STATUS_CODES[error.error_type]
-            self._metrics.failures.labels(route, error.error_type.value).inc()
-            await context.abort(code, error.message)
-            raise  # abort raises; this is never reached
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("unhandled error on %s", route)
-            self._metrics.failures.labels(route, ErrorType.BACKEND.value).inc()
-            await context.abort(code, "internal error; see the server log")
-            raise
-        finally:
-            REQUEST_ID.reset(rid)
-            self._metrics.requests.labels(route, code.name).inc()
-            self._metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+        metadata = dict(context.invocation_metadata())
+        rid = REQUEST_ID.set(request_id(metadata.get("x-request-id")))
+        parent = propagate.extract(metadata)
+        with tracer.start_as_current_span(route, context=parent, kind=SpanKind.SERVER) as span:
+            span.set_attributes({"rpc.system": "grpc", "request.id": REQUEST_ID.get()})
+            try:
+                await context.send_initial_metadata((("x-request-id", REQUEST_ID.get()),))
+                self._authorise(context)
+                return await call()
+            except ServiceError as error:
+                code = STATUS_CODES[error.error_type]
+                self._metrics.failures.labels(route, error.error_type.value).inc()
+                await context.abort(code, error.message)
+                raise  # abort raises; this is never reached
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error on %s", route)
+                self._metrics.failures.labels(route, ErrorType.BACKEND.value).inc()
+                await context.abort(code, "internal error; see the server log")
+                raise
+            finally:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                REQUEST_ID.reset(rid)
+                self._metrics.requests.labels(route, code.name).inc()
+                elapsed = time.perf_counter() - started
+                self._metrics.request_duration.labels(route).observe(elapsed)
 
     def _authorise(self, context: Any) -> None:
         if not self._keys:

@@ -14,13 +14,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from bench.servers import free_port
 from tests.service.conftest import service_process
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
+GRPC_TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 
 
 @contextmanager
@@ -56,7 +59,8 @@ def test_a_request_span_continues_the_callers_trace_with_its_stages(trained_bund
     """If this fails, a prediction cannot be followed in a tracing backend: no spans reach the
     collector, the client's trace is not continued, or the stages are missing."""
     with otlp_receiver() as (endpoint, spans):
-        flags = ["--otlp-endpoint", endpoint, "--no-warmup"]
+        grpc_port = free_port()
+        flags = ["--otlp-endpoint", endpoint, "--no-warmup", "--grpc-port", str(grpc_port)]
         with service_process(trained_bundle, args=flags) as (process, url):
             traceparent = f"00-{TRACE_ID}-{CLIENT_SPAN}-01"
             answer = httpx.post(
@@ -65,6 +69,14 @@ def test_a_request_span_continues_the_callers_trace_with_its_stages(trained_bund
                 headers={"traceparent": traceparent, "x-request-id": "trace-me"},
             )
             assert answer.status_code == 200
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                live = channel.unary_unary(
+                    "/inference.GRPCInferenceService/ServerLive",
+                    request_serializer=lambda _: b"",
+                    response_deserializer=lambda raw: raw,
+                )
+                grpc_parent = f"00-{GRPC_TRACE_ID}-{CLIENT_SPAN}-01"
+                live(None, metadata=(("traceparent", grpc_parent),), timeout=10)
             os.killpg(process.pid, signal.SIGTERM)  # its lifespan flushes the spans
             process.communicate(timeout=60)
     [request] = [s for s in spans if s.name == "POST /predict"]
@@ -81,3 +93,6 @@ def test_a_request_span_continues_the_callers_trace_with_its_stages(trained_bund
     assert tokenize.end_time_unix_nano <= queue.start_time_unix_nano + 1_000
     assert queue.end_time_unix_nano <= inference.start_time_unix_nano + 1_000
     assert inference.end_time_unix_nano <= request.end_time_unix_nano
+    [call] = [s for s in spans if s.name == "/inference.GRPCInferenceService/ServerLive"]
+    assert call.trace_id.hex() == GRPC_TRACE_ID  # gRPC calls continue their caller's too
+    assert call.parent_span_id.hex() == CLIENT_SPAN
