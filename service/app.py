@@ -264,6 +264,7 @@ def _add_middleware(
         paths=bodies,
         raw_paths=oip_rest.INFER_PATH,
         metrics=metrics,
+        routes=paths,
     )
     if settings.api_keys or settings.admin_api_keys:
         # The page and its files hold nothing secret; the API calls it makes carry the key.

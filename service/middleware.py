@@ -97,26 +97,28 @@ class ApiKeyAuth:
             return ServiceError(
                 ErrorType.UNAUTHORIZED, "send one Authorization header, not several"
             )
-        token = _bearer(headers[0]) if headers else None
+        token = bearer_token(headers[0]) if headers else None
         if admin:
-            if token is not None and _matches(token, self.admin_keys):
+            if token is not None and key_matches(token, self.admin_keys):
                 return None
-            if token is not None and _matches(token, self.keys):
+            if token is not None and key_matches(token, self.keys):
                 return ServiceError(ErrorType.FORBIDDEN, "this key may not call admin routes")
-        elif not self.keys or (token is not None and _matches(token, self.keys + self.admin_keys)):
+        elif not self.keys or (
+            token is not None and key_matches(token, self.keys + self.admin_keys)
+        ):
             return None
         return ServiceError(
             ErrorType.UNAUTHORIZED, "missing or invalid API key: send 'Authorization: Bearer <key>'"
         )
 
 
-def _bearer(header: bytes) -> bytes | None:
+def bearer_token(header: bytes) -> bytes | None:
     scheme, _, token = header.partition(b" ")
     token = token.strip()
     return token if scheme.lower() == b"bearer" and token else None
 
 
-def _matches(token: bytes, keys: list[bytes]) -> bool:
+def key_matches(token: bytes, keys: list[bytes]) -> bool:
     # Compared with every key, each in constant time: no early exit reveals which matched.
     matches = [hmac.compare_digest(token, key) for key in keys]
     return any(matches)
@@ -135,12 +137,14 @@ class BodyGuard:
         paths: frozenset[str],
         raw_paths: re.Pattern[str],
         metrics: Metrics,
+        routes: frozenset[str],
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.paths = paths
         self.raw_paths = raw_paths
         self.metrics = metrics
+        self.routes = routes  # the app's route templates, for the failures' labels
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -173,7 +177,7 @@ class BodyGuard:
                     f"{exc.start})",
                 ) from None
         except ServiceError as error:
-            route = "/v2/models/{name}/infer" if raw else scope["path"]
+            route = route_label(scope["path"], self.routes)
             self.metrics.failures.labels(route, error.error_type.value).inc()
             await error_response(error)(scope, receive, send)
             return

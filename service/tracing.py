@@ -49,12 +49,17 @@ class Stages:
     ``time.monotonic()`` readings taken as the stages ran."""
 
     def __init__(self) -> None:
+        # Without tracing (or for a request not sampled) the request's span does not record:
+        # then nothing here costs more than this check, on every request.
+        self._recording = trace.get_current_span().is_recording()
         self._parent = context.get_current()
         self._wall_ns = time.time_ns()
         self._monotonic = time.monotonic()
 
     def add(self, name: str, start: float, seconds: float, **attributes: Any) -> None:
         """A span ``name`` from ``start`` (a ``time.monotonic()`` reading) lasting ``seconds``."""
+        if not self._recording:
+            return
         begin = self._wall_ns + int((start - self._monotonic) * 1e9)
         span = tracer.start_span(name, context=self._parent, start_time=begin)
         span.set_attributes(attributes)

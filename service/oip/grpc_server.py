@@ -6,7 +6,6 @@ that ``STATUS_CODES`` gives their ``ErrorType``."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,6 +20,7 @@ from opentelemetry.trace import SpanKind
 from service.errors import ErrorType, ServiceError
 from service.logs import REQUEST_ID, request_id
 from service.metrics import Metrics
+from service.middleware import bearer_token, key_matches
 from service.oip import predict_v2_pb2 as pb
 from service.oip import predict_v2_pb2_grpc as pb_grpc
 from service.oip import protocol
@@ -189,8 +189,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if not self._keys:
             return
         values = [v for k, v in context.invocation_metadata() if k == "authorization"]
-        token = values[0].partition(" ")[2].strip().encode() if len(values) == 1 else b""
-        if not token or not any([hmac.compare_digest(token, key) for key in self._keys]):
+        token = bearer_token(values[0].encode("latin-1")) if len(values) == 1 else None
+        if token is None or not key_matches(token, self._keys):
             raise ServiceError(
                 ErrorType.UNAUTHORIZED,
                 "missing or invalid API key: send metadata 'authorization: Bearer <key>'",
