@@ -58,7 +58,7 @@ NEGATION_FRAMES = (
     "I would not say that {s}",
 )
 _ASIDE = re.compile(r", ([a-z][a-z' ]{2,40}), ")
-ASIDE_SHARE = 0.3  # negations that get an aside between the negation and what it negates
+ASIDE_SHARE = 0.6  # negations that get an aside between the negation and what it negates
 CONCESSION_FRAMES = (
     "{a}, but {b}",
     "Although {a}, {b}",

@@ -217,6 +217,11 @@ class FinetuneConfig:
     negations: int = _opt(3000, "counterfactual negations per epoch")
     concessions: int = _opt(3000, "concessions and changes of mind per epoch")
     unk_rate: float = _opt(0.05, "share of tokens replaced by <unk> in training (typos, names)")
+    adv_epsilon: float = _opt(
+        5.0,
+        "adversarial training as `train`'s --adv-epsilon (in units of the source's word-vector "
+        "spread), as the source was trained; 0: off",
+    )
     tie_words: bool = _opt(
         True, "read person names and nationalities as <unk>, each group of pronouns as one word"
     )
@@ -232,6 +237,8 @@ class FinetuneConfig:
         self.models_dir = Path(self.models_dir)
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs, batch_size and lr must be positive")
+        if self.adv_epsilon < 0:
+            raise ConfigError("adv_epsilon must be >= 0")
         if not 0.0 <= self.unk_rate < 0.5:
             raise ConfigError("unk_rate must be in [0, 0.5)")
         if any(not 0.0 < a < 1.0 for a in self.interpolate):

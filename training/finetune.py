@@ -34,6 +34,7 @@ from training.model import SentimentRNN
 from training.prepare import TokenizedSplit
 from training.short import log_count_ratios, sentence_enders, short_validation
 from training.tokenizer import UNK_ID, encode, vocabulary
+from training.train import adversarial_loss
 
 EVAL_BATCH = 256
 
@@ -213,7 +214,7 @@ def _train_epoch(
     """One pass over ``seqs`` in length-bucketed batches; the mean training loss."""
     model.train()
     truncation = source.card.truncation
-    loss_fn = nn.BCEWithLogitsLoss()
+    adv_scale = cfg.adv_epsilon * float(model.embedding.weight.detach().std())
     lengths = np.minimum([len(s) for s in seqs], truncation.max_length)
     total, seen = 0.0, 0
     batches = length_bucketed_batches(lengths, cfg.batch_size, rng)
@@ -223,7 +224,7 @@ def _train_epoch(
         if cfg.unk_rate:
             noise = (torch.rand(ids.shape) < cfg.unk_rate) & (ids != bundle.PAD_ID)
             ids = ids.masked_fill(noise, UNK_ID)
-        loss = loss_fn(model(ids, lens), torch.from_numpy(labels[index]).float())
+        loss = _loss(model, ids, lens, torch.from_numpy(labels[index]).float(), adv_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         tie(model.embedding.weight, groups, grad=True)
@@ -234,6 +235,23 @@ def _train_epoch(
         seen += len(index)
         bar.set_postfix(loss=f"{total / seen:.4f}")
     return round(total / seen, 5)
+
+
+def _loss(
+    model: SentimentRNN,
+    ids: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    adv_scale: float,
+) -> torch.Tensor:
+    """The batch's BCE-with-logits, plus its adversarial term where ``adv_scale`` is set."""
+
+    def fit(embedded: torch.Tensor) -> torch.Tensor:
+        logits = model.forward_embedded(model.embed_dropout(embedded), lengths)
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
+
+    embedded = model.embedding(ids)
+    return adversarial_loss(fit, embedded, adv_scale) if adv_scale else fit(embedded)
 
 
 def _epoch_samples(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,25 @@ class _Step:
         embedded = model.embedding(ids)
         if not self.adv_scale:
             return fit(embedded)
-        # A zero offset to differentiate against works whether or not the vectors are frozen.
-        offset = torch.zeros_like(embedded, requires_grad=True)
-        clean = fit(embedded + offset)
-        (grad,) = torch.autograd.grad(self.scaler.scale(clean), offset, retain_graph=True)
-        grad = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
-        norm = grad.flatten(1).norm(dim=1).clamp(min=1e-12)[:, None, None]
-        return clean + fit(embedded + (self.adv_scale * grad / norm).to(embedded.dtype))
+        return adversarial_loss(fit, embedded, self.adv_scale, self.scaler.scale)
+
+
+def adversarial_loss(
+    fit: Callable[[torch.Tensor], torch.Tensor],
+    embedded: torch.Tensor,
+    scale: float,
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+) -> torch.Tensor:
+    """``fit``'s loss at the word vectors ``embedded`` plus its loss with each text's vectors
+    moved by an L2 norm of ``scale`` along the loss gradient (Miyato et al., ICLR 2017).
+    ``scale_loss`` is the mixed-precision scaler's, so that small gradients survive float16."""
+    # A zero offset to differentiate against works whether or not the vectors are frozen.
+    offset = torch.zeros_like(embedded, requires_grad=True)
+    clean = fit(embedded + offset)
+    (grad,) = torch.autograd.grad(scale_loss(clean), offset, retain_graph=True)
+    grad = torch.nan_to_num(grad.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    norm = grad.flatten(1).norm(dim=1).clamp(min=1e-12)[:, None, None]
+    return clean + fit(embedded + (scale * grad / norm).to(embedded.dtype))
 
 
 def train(

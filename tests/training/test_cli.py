@@ -507,6 +507,7 @@ def test_finetune_writes_a_bundle_that_evaluate_and_behave_reproduce(
     assert [row["epoch"] for row in history[:3]] == [0, 1, 2]
     assert all(0 < row["interpolation"] < 1 for row in history[3:])  # mixes with the source
     assert card.hyperparameters["finetune"]["negations"] == 40
+    assert card.hyperparameters["finetune"]["adv_epsilon"] == 5  # the default: as 2.0.0 was
     assert card.architecture == bundle.read_card(trained_bundle).architecture
     evaluate = ["evaluate", str(folder), "--data", str(imdb_tarball), "--cache-dir"]
     assert main([*evaluate, str(tmp_path / "cache"), "--tolerance", "0"]) == 0

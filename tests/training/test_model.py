@@ -11,7 +11,7 @@ from training.batches import length_bucketed_batches, pad_batch
 from training.config import ModelConfig, TrainConfig
 from training.errors import ConfigError
 from training.model import SentimentRNN
-from training.train import average_states
+from training.train import adversarial_loss, average_states
 
 EMBEDDINGS = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
 
@@ -97,3 +97,28 @@ def test_average_states_means_float_weights_and_keeps_integer_buffers():
     averaged = average_states([a, b])
     assert averaged["w"].tolist() == [2.0, 4.0]
     assert averaged["steps"].item() == 3
+
+
+def test_adversarial_loss_adds_the_loss_one_step_up_the_gradient_of_each_text():
+    """If this fails, `train --adv-epsilon` and `finetune` fit their batches at the wrong
+    offset (not along the gradient, or not scale per text), or cannot back-propagate to the
+    word vectors through the offset."""
+    torch.manual_seed(0)
+    weights = torch.randn(4)
+    embedded = torch.randn(3, 5, 4, requires_grad=True)
+    seen: list[torch.Tensor] = []
+
+    def fit(vectors: torch.Tensor) -> torch.Tensor:
+        seen.append(vectors.detach().clone())
+        return (vectors * weights).sum(dim=(1, 2)).sigmoid().sum()
+
+    loss = adversarial_loss(fit, embedded, scale=0.5)
+    clean, moved = seen
+    offset = moved - clean
+    assert torch.allclose(offset.flatten(1).norm(dim=1), torch.full((3,), 0.5))
+    # The loss grows with every vector's dot product with `weights`: the offset points that way.
+    assert (offset * weights).sum(dim=2).gt(0).all()
+    assert loss.item() > fit(embedded).item()
+    loss.backward()
+    assert embedded.grad is not None
+    assert embedded.grad.abs().sum() > 0
