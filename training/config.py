@@ -219,7 +219,7 @@ class FinetuneConfig:
     unk_rate: float = _opt(0.05, "share of tokens replaced by <unk> in training (typos, names)")
     adv_epsilon: float = _opt(
         5.0,
-        "adversarial training as `train`'s --adv-epsilon (in units of the source's word-vector "
+        "adversarial training as `train`'s --adv-epsilon (in units of the word vectors' "
         "spread), as the source was trained; 0: off",
     )
     tie_words: bool = _opt(

@@ -2,7 +2,8 @@
 
 Starts from a bundle's weights (its tokenizer and truncation unchanged) and trains on short
 texts made from the training reviews (`training.augment`: crops, counterfactual negations,
-concessions), mixed with whole training reviews so that the long-review reading is kept. Person
+concessions), mixed with whole training reviews so that the long-review reading is kept, each
+batch also fitted at an adversarial offset of its word vectors as the source was. Person
 names, nationalities and third-person pronouns are tied in the embedding table (names and
 nationalities to ``<unk>``, each pronoun group to one row), so a swap of them cannot move a
 score. Each epoch is scored on the validation reviews, the short-text validation split and the
