@@ -158,14 +158,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         HTTP request has."""
         started = time.perf_counter()
         route, code = SERVICE + method, grpc.StatusCode.OK
-        metadata = dict(context.invocation_metadata())
-        rid = REQUEST_ID.set(request_id(metadata.get("x-request-id")))
-        parent = propagate.extract(metadata)
+        metadata = tuple(context.invocation_metadata())
+        rid = REQUEST_ID.set(request_id(_only(metadata, "x-request-id")))
+        parent = propagate.extract(dict(metadata))
         with tracer.start_as_current_span(route, context=parent, kind=SpanKind.SERVER) as span:
             span.set_attributes({"rpc.system": "grpc", "request.id": REQUEST_ID.get()})
             try:
                 await context.send_initial_metadata((("x-request-id", REQUEST_ID.get()),))
-                self._authorise(context)
+                self._authorise(metadata)
                 return await call()
             except ServiceError as error:
                 code = STATUS_CODES[error.error_type]
@@ -185,16 +185,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 elapsed = time.perf_counter() - started
                 self._metrics.request_duration.labels(route).observe(elapsed)
 
-    def _authorise(self, context: Any) -> None:
+    def _authorise(self, metadata: tuple[tuple[str, str], ...]) -> None:
         if not self._keys:
             return
-        values = [v for k, v in context.invocation_metadata() if k == "authorization"]
-        token = bearer_token(values[0].encode("latin-1")) if len(values) == 1 else None
+        value = _only(metadata, "authorization")
+        token = bearer_token(value.encode("latin-1")) if value is not None else None
         if token is None or not key_matches(token, self._keys):
             raise ServiceError(
                 ErrorType.UNAUTHORIZED,
                 "missing or invalid API key: send metadata 'authorization: Bearer <key>'",
             )
+
+
+def _only(metadata: tuple[tuple[str, str], ...], key: str) -> str | None:
+    """The value of ``key`` when the call sent it once, as HTTP's headers are read: a call
+    that sends it several times gets none (a fresh request id; no key)."""
+    values = [v for k, v in metadata if k == key]
+    return values[0] if len(values) == 1 else None
 
 
 def _parameter(parameter: Any) -> Any:

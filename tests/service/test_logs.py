@@ -43,6 +43,15 @@ def test_request_ids_are_echoed_and_in_every_json_log_line(trained_bundle: Path)
             )
             _, call = live.with_call(None, metadata=(("x-request-id", "g-7"),), timeout=10)
             assert ("x-request-id", "g-7") in call.initial_metadata()
+            # Two ids are none, over gRPC as over HTTP: neither is taken for the other's.
+            two = (("x-request-id", "g-1"), ("x-request-id", "g-2"))
+            _, call = live.with_call(None, metadata=two, timeout=10)
+            answered = dict(call.initial_metadata())["x-request-id"]
+            assert re.fullmatch(r"[0-9a-f]{32}", answered), answered
+        both = httpx.get(
+            f"{url}/health", headers=[("x-request-id", "h-1"), ("x-request-id", "h-2")]
+        )
+        assert re.fullmatch(r"[0-9a-f]{32}", both.headers["x-request-id"])
         output = stop(process)
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert len(lines) >= 5
